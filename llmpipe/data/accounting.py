@@ -8,6 +8,7 @@ is written to a quarantine Parquet shard with its reason, so nothing is ever sil
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import xxhash
 
 from llmpipe.io import write_parquet_atomic
@@ -126,38 +128,87 @@ def _bin(length: int) -> int:
 
 
 class ShardWriter:
-    """Buffers kept and rejected records of one shard and writes both Parquet files atomically."""
+    """Streams the kept and rejected records of one shard into two Parquet files.
 
-    def __init__(self) -> None:
-        self.kept: list[Record] = []
-        self.rejected: list[tuple[Record, str, str]] = []
+    Rows are flushed in row groups (bounded memory, whatever the shard size) into temp files that
+    are renamed to their final paths only by `close()`; `abort()` (or an exception inside the
+    `with` block) removes them, so a final path never holds a partial shard.
+    """
+
+    def __init__(self, output: Path, quarantine: Path, flush_chars: int = 32 << 20):
+        self.output, self.quarantine, self.flush_chars = Path(output), Path(quarantine), flush_chars
+        self._kept: list[Record] = []
+        self._rejected: list[tuple[Record, str, str]] = []
+        self._buffered_chars = 0
+        self._writers: dict[Path, tuple[Path, pq.ParquetWriter]] = {}
 
     def keep(self, record: Record) -> None:
-        self.kept.append(record)
+        self._kept.append(record)
+        self._grow(len(record.text))
 
     def reject(self, record: Record, reason: str, detail: str = "") -> None:
-        self.rejected.append((record, reason, detail))
+        self._rejected.append((record, reason, detail))
+        self._grow(min(len(record.text), QUARANTINE_TEXT_LIMIT))
 
-    def write(self, output: Path, quarantine: Path) -> None:
-        write_records(output, self.kept)
-        write_quarantine(quarantine, self.rejected)
+    def _grow(self, n: int) -> None:
+        self._buffered_chars += n
+        if self._buffered_chars >= self.flush_chars:
+            self.flush()
+
+    def flush(self) -> None:
+        self._write(self.output, _records_table(self._kept))
+        self._write(self.quarantine, _quarantine_table(self._rejected))
+        self._kept, self._rejected, self._buffered_chars = [], [], 0
+
+    def _write(self, final: Path, table: pa.Table) -> None:
+        if final not in self._writers:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+            self._writers[final] = (tmp, pq.ParquetWriter(tmp, table.schema, compression="zstd"))
+        elif not table.num_rows:
+            return
+        self._writers[final][1].write_table(table)
+
+    def close(self) -> None:
+        self.flush()
+        for final, (tmp, writer) in self._writers.items():
+            writer.close()
+            os.replace(tmp, final)
+        self._writers.clear()
+
+    def abort(self) -> None:
+        for tmp, writer in self._writers.values():
+            writer.close()
+            tmp.unlink(missing_ok=True)
+        self._writers.clear()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _records_table(records: list[Record]) -> pa.Table:
+    return pa.table({"id": [r.id for r in records], "source": [r.source for r in records],
+                     "text": [r.text for r in records],
+                     "meta": [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r in records]},
+                    schema=RECORD_SCHEMA)
+
+
+def _quarantine_table(rejected: list[tuple[Record, str, str]]) -> pa.Table:
+    return pa.table({"id": [r.id for r, _, _ in rejected], "source": [r.source for r, _, _ in rejected],
+                     "reason": [reason for _, reason, _ in rejected], "detail": [d for _, _, d in rejected],
+                     "text": [r.text[:QUARANTINE_TEXT_LIMIT] for r, _, _ in rejected],
+                     "meta": [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r, _, _ in rejected]},
+                    schema=QUARANTINE_SCHEMA)
 
 
 def write_records(path: Path, records: list[Record]) -> None:
-    table = pa.table({"id": [r.id for r in records], "source": [r.source for r in records],
-                      "text": [r.text for r in records],
-                      "meta": [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r in records]},
-                     schema=RECORD_SCHEMA)
-    write_parquet_atomic(path, table)
-
-
-def write_quarantine(path: Path, rejected: list[tuple[Record, str, str]]) -> None:
-    table = pa.table({"id": [r.id for r, _, _ in rejected], "source": [r.source for r, _, _ in rejected],
-                      "reason": [reason for _, reason, _ in rejected], "detail": [d for _, _, d in rejected],
-                      "text": [r.text[:QUARANTINE_TEXT_LIMIT] for r, _, _ in rejected],
-                      "meta": [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r, _, _ in rejected]},
-                     schema=QUARANTINE_SCHEMA)
-    write_parquet_atomic(path, table)
+    write_parquet_atomic(path, _records_table(records))
 
 
 def read_records(path: Path, batch_size: int = 256):
