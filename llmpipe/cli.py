@@ -58,7 +58,7 @@ def run(until: str | None, force: tuple[str, ...]) -> None:
         click.echo(f"{name:<10} {outcome}")
 
 
-@main.command(epilog="Stages:\n\n" + STAGE_HELP.replace("\n", "\n\n"))
+@main.command(epilog="\b\nStages:\n" + STAGE_HELP)
 @click.argument("name", type=click.Choice(list(STAGES)))
 def stage(name: str) -> None:
     """Run one stage body now (what each dvc.yaml `cmd` calls).
@@ -80,10 +80,9 @@ def stage(name: str) -> None:
 @main.command()
 def status() -> None:
     """Show which stages are stale (DVC) and the last tracked run of each (MLflow)."""
-    from llmpipe.status import pipeline_status
+    from llmpipe.pipeline import status_rows
 
-    root = _root()
-    for row in pipeline_status(root):
+    for row in status_rows(_root()):
         click.echo(row)
 
 

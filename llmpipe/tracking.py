@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,8 +129,10 @@ def tracked_run(root: Path, run_name: str, tags: dict[str, str] | None = None) -
     mlflow = configure_mlflow(root)
     parent = os.environ.get(PARENT_RUN_ENV)
     run = mlflow.start_run(run_name=run_name, nested=bool(parent), parent_run_id=parent or None, tags=tags)
+    in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    if in_main_thread:  # signal handlers can only be set from the main thread
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
     status = "FAILED"
     try:
         yield MLflowTracker(run.info.run_id)
@@ -138,7 +141,8 @@ def tracked_run(root: Path, run_name: str, tags: dict[str, str] | None = None) -
         status = "KILLED"
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         mlflow.end_run(status=status)
 
 
@@ -183,3 +187,21 @@ def input_hashes(root: Path, stage: str) -> dict[str, str]:
             rel = (dvc_file.parent / out["path"]).relative_to(root).as_posix()
             known.setdefault(rel, out.get("md5", ""))
     return {f"input.{dep}": known.get(dep, "unrecorded") for dep in deps}
+
+
+def last_runs(root: Path, stages: list[str]) -> dict[str, dict[str, str]]:
+    """The newest tracked run of each stage: status, start time, run id ({} where none)."""
+    if not tracking_enabled():
+        return {}
+    mlflow = configure_mlflow(root)
+    out: dict[str, dict[str, str]] = {}
+    for stage in stages:
+        runs = mlflow.search_runs(filter_string=f"tags.stage = '{stage}'", order_by=["start_time DESC"],
+                                  max_results=1, output_format="list")
+        if runs:
+            info = runs[0].info
+            import datetime as dt
+
+            started = dt.datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+            out[stage] = {"status": info.status, "started": started, "run_id": info.run_id}
+    return out

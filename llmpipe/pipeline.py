@@ -1,0 +1,115 @@
+"""DVC-side operations the orchestrator and the CLI share: stage order, staleness, repro, status.
+
+DVC is the single judge of what is stale; the Prefect flow (flows/pipeline.py) only asks it.
+DVC is driven through its CLI in a subprocess so a stage runs exactly as under `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+
+def dvc_executable() -> str:
+    """The dvc next to this interpreter (the project venv), else the one on PATH."""
+    local = Path(sys.executable).parent / "dvc"
+    if local.exists():
+        return str(local)
+    found = shutil.which("dvc")
+    if not found:
+        raise ValueError("dvc not found: install llmpipe's dependencies (scripts/install.sh)")
+    return found
+
+
+def stage_order(root: Path) -> list[str]:
+    """Stages of dvc.yaml in file order (which the project keeps topological; a test checks it)."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
+    return list((spec.get("stages") or {}).keys())
+
+
+def select_stages(root: Path, until: str | None) -> list[str]:
+    order = stage_order(root)
+    if until is None:
+        return order
+    if until not in order:
+        raise ValueError(f"--until {until}: no such stage in {root / 'dvc.yaml'} (stages: {', '.join(order)})")
+    return order[: order.index(until) + 1]
+
+
+def is_stale(root: Path, stage: str) -> tuple[bool, str]:
+    """(stale?, why) for one stage, as `dvc status` sees it."""
+    out = _dvc(root, ["status", "--json", stage])
+    changes = json.loads(out or "{}")
+    if not changes:
+        return False, "up to date"
+    return True, _describe_changes(changes)
+
+
+def repro(root: Path, stage: str, *, force: bool, env: dict[str, str] | None = None,
+          on_line: Callable[[str], None] = print) -> None:
+    """`dvc repro --single-item STAGE`, streaming its output line by line; raises on failure."""
+    cmd = [dvc_executable(), "repro", "--single-item", stage] + (["--force"] if force else [])
+    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        on_line(line)
+        tail = (tail + [line])[-30:]
+    if proc.wait() != 0:
+        raise RuntimeError(f"stage {stage} failed (dvc repro exit {proc.returncode}); last output:\n" + "\n".join(tail))
+
+
+def missing_sources(root: Path) -> list[Path]:
+    """Data tracked by .dvc files (raw sources) that is absent from the workspace."""
+    missing = []
+    for dvc_file in sorted(root.glob("data/**/*.dvc")):
+        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []:
+            path = dvc_file.parent / out["path"]
+            if not path.exists():
+                missing.append(path)
+    return missing
+
+
+def status_rows(root: Path) -> list[str]:
+    """One line per stage: DVC staleness and the last tracked run."""
+    from llmpipe.tracking import last_runs
+
+    stages = stage_order(root)
+    runs = last_runs(root, stages)
+    rows = [f"{'stage':<10} {'dvc':<40} last run"]
+    for stage in stages:
+        stale, why = is_stale(root, stage)
+        state = f"stale: {why}" if stale else "up to date"
+        run = runs.get(stage)
+        last = f"{run['status']} {run['started']} ({run['run_id'][:8]})" if run else "never tracked"
+        rows.append(f"{stage:<10} {state[:40]:<40} {last}")
+    return rows
+
+
+def _dvc(root: Path, args: list[str]) -> str:
+    proc = subprocess.run([dvc_executable(), *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def _describe_changes(changes: dict) -> str:
+    parts = []
+    for entries in changes.values():
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if isinstance(entry, str):
+                parts.append(entry)
+            elif isinstance(entry, dict):
+                for kind, items in entry.items():
+                    names = ", ".join(f"{k} ({v})" for k, v in items.items()) if isinstance(items, dict) else str(items)
+                    parts.append(f"{kind}: {names}")
+    return "; ".join(parts) or "changed"
