@@ -1,0 +1,135 @@
+"""Causal self-attention, one function with three interchangeable backends.
+
+    flash_attn  the flash-attn package (`flash_attn_func`, FA2; or `flash_attn.cute`, FA4, where only
+                that is installed, on Hopper/Blackwell). CUDA, fp16/bf16, grouped-query natively.
+    sdpa        torch.nn.functional.scaled_dot_product_attention(enable_gqa=True). On CUDA it asks
+                for cuDNN attention first on Hopper (capability 9.x), FlashAttention-2 first elsewhere,
+                then the memory-efficient and math kernels. Runs on CPU too.
+    math        softmax(QK^T / sqrt(d) + causal mask) V written out: the readable reference.
+
+All three take q (B, H, T, D), k and v (B, Hkv, T, D) with H a multiple of Hkv (query head h reads
+kv head h // (H / Hkv), the Llama / repeat_interleave grouping) and return (B, H, T, D).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+log = logging.getLogger("llmpipe.model")
+
+BACKENDS = ("flash_attn", "sdpa", "math")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+# flash-attn is optional: imported once here so the compiled forward never imports anything.
+# A broken install (CUDA/ABI mismatch) counts as absent; the reason is kept for the error message.
+_flash_attn_func = None
+_flash_import_error = "not installed"
+try:
+    from flash_attn import flash_attn_func as _flash_attn_func  # FA2: (B, T, H, D) in and out
+except Exception as exc:  # noqa: BLE001 - ImportError, OSError (missing CUDA libs), RuntimeError
+    _flash_import_error = f"{type(exc).__name__}: {exc}"
+    try:
+        from flash_attn.cute import flash_attn_func as _flash_attn_func  # FA4: returns (out, lse)
+    except Exception:  # noqa: BLE001
+        pass
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def flash_attn_available() -> bool:
+    return _flash_attn_func is not None
+
+
+def _auto(device_type: str, dtype: torch.dtype | None) -> str:
+    if device_type == "cuda" and flash_attn_available() and (dtype is None or dtype in FLASH_DTYPES):
+        return "flash_attn"
+    return "sdpa"
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend `name` means on `device` ('auto' -> flash_attn if usable, else sdpa).
+
+    `dtype` is the dtype attention will see (bf16 under autocast); None assumes a half type on CUDA.
+    Raises ValueError for an unknown name or for flash_attn where it cannot run. Logs each choice once.
+    """
+    device = torch.device(device)
+    if name not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    if name == "flash_attn":
+        if not flash_attn_available():
+            raise ValueError(f"attn_backend 'flash_attn' needs the flash-attn package ({_flash_import_error}); "
+                             "install it with `pip install flash-attn` on a CUDA machine, or use 'sdpa'")
+        if device.type != "cuda":
+            raise ValueError(f"attn_backend 'flash_attn' runs on CUDA only, not {device}; use 'sdpa' or 'auto'")
+    choice = _auto(device.type, dtype) if name == "auto" else name
+    if (name, str(device), choice) not in _logged:
+        _logged.add((name, str(device), choice))
+        log.info("attention backend: %s (asked for %r on %s)", choice, name, device)
+    return choice
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Causal attention: q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, H, T, D)."""
+    B, H, T, D = q.shape
+    assert k.shape == v.shape == (B, k.shape[1], T, D) and H % k.shape[1] == 0, (q.shape, k.shape, v.shape)
+    if backend == "auto":  # pure function of device and dtype, so torch.compile traces straight through
+        backend = _auto(q.device.type, q.dtype)
+    if backend == "sdpa":
+        return _sdpa(q, k, v)
+    if backend == "math":
+        return _math(q, k, v)
+    if backend == "flash_attn":
+        return _flash(q, k, v)
+    raise ValueError(f"unknown attention backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if _flash_attn_func is None:
+        raise ValueError("attention backend 'flash_attn' needs `pip install flash-attn`")
+    if q.dtype not in FLASH_DTYPES:
+        raise ValueError(f"flash_attn needs fp16/bf16 inputs, got {q.dtype}: train under bf16 autocast or use 'sdpa'")
+    # (B, H, T, D) -> (B, T, H, D): flash-attn's layout. Views only: q/k/v were made as (B, T, H, D).
+    out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    if isinstance(out, tuple):  # flash_attn.cute returns (out, lse)
+        out = out[0]
+    return out.transpose(1, 2)  # (B, H, T, D)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _sdpa_order(device: torch.device, grouped: bool) -> list[SDPBackend]:
+    rest = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    # cuDNN attention is the fastest kernel on Hopper. With grouped kv heads we put FlashAttention-2
+    # first: torch documents GQA support for flash and math, and we do not rely on cuDNN for it.
+    if _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) == 9 and not grouped:
+        return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *rest]
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, *rest]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    grouped = k.shape[1] != q.shape[1]
+    if q.device.type != "cuda":  # CPU: torch picks its flash-style CPU kernel or math by itself
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+    with sdpa_kernel(_sdpa_order(q.device, grouped), set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)  # (B, H, T, D)
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    if group > 1:  # share each kv head with `group` consecutive query heads
+        k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
+        v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32 for bf16 inputs
+    return probs @ v  # (B, H, T, D)

@@ -1,0 +1,208 @@
+"""The GPT: a decoder-only transformer in the Llama layout.
+
+Pre-norm RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, no biases,
+optional tied embeddings and optional QK-norm. Read top to bottom: RMSNorm, rotary, Attention,
+MLP, Block, GPT.
+
+Parameter names map one to one onto Hugging Face `LlamaForCausalLM` (see `hf.py`), with no
+reshaping or permutation of any weight, because our rotary uses the same rotate-half convention:
+
+    tok_embeddings.weight            model.embed_tokens.weight
+    layers.N.attn_norm.weight        model.layers.N.input_layernorm.weight
+    layers.N.attn.wq/wk/wv/wo.weight model.layers.N.self_attn.q_proj/k_proj/v_proj/o_proj.weight
+    layers.N.attn.q_norm/k_norm      model.layers.N.self_attn.q_norm/k_norm (Qwen3 names; qk_norm only)
+    layers.N.mlp_norm.weight         model.layers.N.post_attention_layernorm.weight
+    layers.N.mlp.w_gate/w_up/w_down  model.layers.N.mlp.gate_proj/up_proj/down_proj.weight
+    norm.weight                      model.norm.weight
+    lm_head.weight                   lm_head.weight (the same tensor as tok_embeddings when tied)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmpipe.model.attention import causal_attention, resolve_backend
+from llmpipe.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 like HF Llama (bf16 mean-of-squares loses digits), cast back after the scale
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim / 2), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by position. Rotate-half convention (HF Llama): dimension i pairs with
+    i + D/2, not with its neighbour i + 1 as in the original RoFormer/Meta code."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
+    cos = cos[None, :, None, :].to(x.dtype)  # (1, T, 1, D/2)
+    sin = sin[None, :, None, :].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.backend = cfg.attn_backend
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
+        return self.wo(y)  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w_down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))  # (B, T, F) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        # Rotary tables are derived, not learned: not saved in checkpoints (persistent=False).
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the rotary tables in place.
+
+        Call it after `to_empty(device=...)` when the model was built on the meta device (FSDP).
+        Weights ~ N(0, init_std); the two projections that write into the residual stream (wo, w_down)
+        use init_std / sqrt(2 * n_layer) so the residual's variance does not grow with depth (GPT-2).
+        """
+        cfg = self.config
+        device = self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:  # norm gains
+                nn.init.ones_(p)
+            elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            else:
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        loss is the mean cross-entropy over targets != -100 (the ignore index that fine-tuning uses to
+        mask prompt tokens); a batch whose targets are all -100 gives nan.
+        """
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        if not torch.compiler.is_compiling():  # validate the backend and log the choice once, eagerly
+            resolve_backend(self.config.attn_backend, idx.device)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        # cross_entropy runs in fp32 under autocast; -100 positions contribute nothing
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (tied weights once). exclude_embeddings drops tok_embeddings and, when
+        untied, lm_head: the "non-embedding" count."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if exclude_embeddings:
+            total -= self.tok_embeddings.weight.numel()
+            if not self.config.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay the 2-D matmul weights (incl. an untied lm_head); no decay for norm
+        gains and the token embedding (which, when tied, is also the lm_head: it is not decayed)."""
+        embedding = self.tok_embeddings.weight
+        decay, no_decay = [], []
+        for p in self.parameters():  # shared tensors appear once
+            (decay if p.ndim == 2 and p is not embedding else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, eos_id: int | None = None) -> torch.Tensor:
+        """Sample max_new_tokens after idx (B, T); returns (B, T + n). No KV cache: each step reruns
+        the last max_seq_len tokens. temperature 0 is greedy. With eos_id, a row that produced it
+        keeps emitting eos_id and generation stops early once every row has."""
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.max_seq_len:])
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            if eos_id is not None:
+                nxt = nxt.masked_fill(finished[:, None], eos_id)
+                finished |= nxt[:, 0] == eos_id
+            idx = torch.cat((idx, nxt), dim=1)
+            if eos_id is not None and bool(finished.all()):
+                break
+        return idx
