@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import make_project, run_dvc
+from tests.helpers import make_project, run_dvc
 
 pytestmark = pytest.mark.slow
 
