@@ -31,6 +31,7 @@ STAGE_HELP = "\n".join(f"  {name:<10} {spec.summary}" for name, spec in STAGES.i
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="llmpipe")
 def main(verbose: bool) -> None:
     """llmpipe: build your own GPT-style model from raw text, reproducibly.
 
