@@ -98,5 +98,47 @@ def fetch_demo(dest: Path | None) -> None:
     click.echo(str(path))
 
 
+# Listed here rather than imported so `llmpipe --help` does not import torch; tests/model/test_planner.py
+# checks these lists against llmpipe.model.config.PRESETS and llmpipe.model.flops.PEAK_BF16_FLOPS.
+PLAN_PRESETS = "tiny, draft, gpt2-124m, 350m, 1b"
+PLAN_GPUS = "H100-SXM, H100-PCIe, H200, A100, L4, L40S, B200"
+
+
+@main.command()
+@click.option("--preset", default="gpt2-124m", show_default=True, help=f"Model preset: {PLAN_PRESETS}.")
+@click.option("--vocab-size", type=int, default=50304, show_default=True, help="Tokenizer vocabulary size.")
+@click.option("--tokens", default=None,
+              help="Training tokens, with K/M/B/T suffixes (10B). Default: Chinchilla-optimal, 20 per parameter.")
+@click.option("--gpu", default="H100-SXM", show_default=True, help=f"GPU kind: {PLAN_GPUS}.")
+@click.option("--gpus", "num_gpus", type=int, default=1, show_default=True, help="Number of GPUs.")
+@click.option("--mfu", type=float, default=0.4, show_default=True, help="Model FLOPs utilisation to assume, in (0, 1].")
+@click.option("--micro-batch", type=int, default=16, show_default=True, help="Sequences per GPU per forward pass.")
+@click.option("--seq-len", type=int, default=None, help="Training context length. Default: the preset's max_seq_len.")
+@click.option("--gpu-memory-gb", type=float, default=None, help="Memory per GPU in GiB. Default: the GPU kind's.")
+@click.option("--n-layer", type=int, default=None, help="Override the preset's depth.")
+@click.option("--d-model", type=int, default=None, help="Override the preset's width (heads re-derived as width/64).")
+@click.option("--n-head", type=int, default=None, help="Override the number of query heads.")
+@click.option("--n-kv-head", type=int, default=None, help="Override the number of key/value heads.")
+def plan(preset: str, vocab_size: int, tokens: str | None, gpu: str, num_gpus: int, mfu: float, micro_batch: int,
+         seq_len: int | None, gpu_memory_gb: float | None, n_layer: int | None, d_model: int | None,
+         n_head: int | None, n_kv_head: int | None) -> None:
+    """Estimate parameters, FLOPs, wall time, GPU-hours and memory per GPU for a pretraining run.
+
+    Example: llmpipe plan --preset gpt2-124m --tokens 10B --gpu H100-SXM --gpus 8 --mfu 0.4
+    """
+    from llmpipe.model.config import ModelConfig
+    from llmpipe.model.planner import format_plan, parse_count
+    from llmpipe.model.planner import plan as make_plan
+
+    try:
+        cfg = ModelConfig.from_preset(preset, vocab_size, n_layer=n_layer, d_model=d_model, n_head=n_head,
+                                      n_kv_head=n_kv_head)
+        result = make_plan(cfg, None if tokens is None else parse_count(tokens), gpu, num_gpus, mfu, micro_batch,
+                           seq_len or cfg.max_seq_len, gpu_memory_gb)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_plan(result))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
