@@ -56,6 +56,7 @@ class Counts:
     chars_kept: int = 0
     length_hist_kept: np.ndarray = field(default_factory=lambda: np.zeros(len(LENGTH_BINS), np.int64))
     length_hist_rejected: np.ndarray = field(default_factory=lambda: np.zeros(len(LENGTH_BINS), np.int64))
+    stats: Counter = field(default_factory=Counter)  # other tallies a stage sums over shards (files, bytes, ...)
 
     def on_read(self, source: str, text_len: int = 0, n: int = 1) -> None:
         self.read[source] += n
@@ -97,6 +98,7 @@ class Counts:
         self.chars_kept += other.chars_kept
         self.length_hist_kept += other.length_hist_kept
         self.length_hist_rejected += other.length_hist_rejected
+        self.stats.update(other.stats)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +106,7 @@ class Counts:
                 "rejected": {s: dict(r) for s, r in self.rejected.items()},
                 "chars_read": self.chars_read, "chars_kept": self.chars_kept,
                 "length_hist_kept": self.length_hist_kept.tolist(),
-                "length_hist_rejected": self.length_hist_rejected.tolist()}
+                "length_hist_rejected": self.length_hist_rejected.tolist(), "stats": dict(self.stats)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Counts:
@@ -112,7 +114,8 @@ class Counts:
                    rejected={s: Counter(r) for s, r in data["rejected"].items()},
                    chars_read=data["chars_read"], chars_kept=data["chars_kept"],
                    length_hist_kept=np.array(data["length_hist_kept"], np.int64),
-                   length_hist_rejected=np.array(data["length_hist_rejected"], np.int64))
+                   length_hist_rejected=np.array(data["length_hist_rejected"], np.int64),
+                   stats=Counter(data.get("stats", {})))
 
     def metrics(self) -> dict[str, float]:
         """Flat totals for metrics/<stage>.json and MLflow."""
@@ -120,6 +123,7 @@ class Counts:
                "records_rejected": float(self.rejected_total()), "chars_read": float(self.chars_read),
                "chars_kept": float(self.chars_kept)}
         out.update({f"rejected.{reason}": float(n) for reason, n in sorted(self.reasons().items())})
+        out.update({name: float(n) for name, n in sorted(self.stats.items())})
         return out
 
 
