@@ -1,0 +1,201 @@
+"""Checkpoints: one format for every stage (pretrain, sft, dpo, evaluate, package).
+
+A checkpoint is a directory:
+
+    model.safetensors    weights (fp32 as trained; a tied matrix is stored once, aliases in the metadata)
+    config.json          the ModelConfig (`ModelConfig.from_dict` rebuilds the model)
+    tokenizer.json       a reference to the tokenizer it was trained with: {"hash", "vocab_size", ...}
+    trainer_state.pt     only for resumable checkpoints: optimizer, schedule, RNG states, data position, step
+    checkpoint.json      the completion marker (step, val loss, ...), written last
+
+It is written under a `.tmp-*` name and renamed into place, so a crash mid-save leaves the previous
+checkpoints untouched; a `step-*` folder without its marker is ignored anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmpipe.io import atomic_path
+from llmpipe.model import GPT, ModelConfig
+
+WEIGHTS, CONFIG, TOKENIZER, STATE, MARKER = (
+    "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "checkpoint.json")
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(checkpoints: Path, step: int) -> Path:
+    return Path(checkpoints) / f"step-{step:06d}"
+
+
+def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{alias name: first name} for parameters registered twice (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def save_checkpoint(directory: Path | str, state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig,
+                    tokenizer: dict[str, Any], meta: dict[str, Any], trainer_state: dict[str, Any] | None = None,
+                    aliases: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint to `directory` atomically (replacing an existing one); returns `directory`.
+
+    `state_dict` is the full model state on CPU (see distributed.full_model_state); `aliases` names tied
+    entries to store once (`tied_aliases(model)`); `meta` goes into the completion marker.
+    """
+    from safetensors.torch import save_file
+
+    directory, aliases = Path(directory), aliases or {}
+    with atomic_path(directory) as tmp:  # temp sibling, renamed into place (replacing an old one) on success
+        tmp.mkdir()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in aliases}
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        _write_json(tmp / CONFIG, model_cfg.to_dict())
+        _write_json(tmp / TOKENIZER, tokenizer)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / STATE)
+        _write_json(tmp / MARKER, {**meta, "resumable": trainer_state is not None})
+    return directory
+
+
+def list_checkpoints(checkpoints: Path | str) -> list[Path]:
+    """Complete `step-*` checkpoints (marker present), oldest first; half-written folders are skipped."""
+    checkpoints = Path(checkpoints)
+    if not checkpoints.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / MARKER).exists()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoints: Path | str) -> Path | None:
+    found = list_checkpoints(checkpoints)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(checkpoints: Path | str, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` and the best by val loss; returns what was deleted."""
+    found = list_checkpoints(checkpoints)
+    keep = set(found[-keep_last:]) if keep_last > 0 else set()
+    scored = [(m["val_loss"], p) for p in found if (m := read_meta(p)).get("val_loss") is not None]
+    if scored:
+        keep.add(min(scored, key=lambda t: t[0])[1])
+    deleted = [p for p in found if p not in keep]
+    for p in deleted:
+        shutil.rmtree(p, ignore_errors=True)
+    return deleted
+
+
+def read_meta(path: Path | str) -> dict[str, Any]:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def read_model_config(path: Path | str) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads((Path(path) / CONFIG).read_text()))
+
+
+def read_tokenizer_ref(path: Path | str) -> dict[str, Any]:
+    return json.loads((Path(path) / TOKENIZER).read_text())
+
+
+def load_weights(path: Path | str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The full state dict of a checkpoint (aliases restored)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = str(Path(path) / WEIGHTS)
+    with safe_open(file, framework="pt") as fh:
+        aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+    state = load_file(file, device=str(device))
+    state.update({alias: state[name] for alias, name in aliases.items()})
+    return state
+
+
+def resolve(path: Path | str) -> Path:
+    """A checkpoint dir, or a stage output dir (its final/, else its newest checkpoints/step-*)."""
+    path = Path(path)
+    if (path / MARKER).exists():
+        return path
+    if (path / "final" / MARKER).exists():
+        return path / "final"
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise ValueError(f"{path}: no complete checkpoint here (expected {MARKER}, final/ or checkpoints/step-*)")
+    return latest
+
+
+def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tuple[GPT, ModelConfig, dict[str, Any]]:
+    """Rebuild the model of a checkpoint: (model in eval mode, its config, meta incl. the tokenizer reference)."""
+    path = resolve(path)
+    cfg = read_model_config(path)
+    model = GPT(cfg)
+    model.load_state_dict(load_weights(path))
+    model.to(device).eval()
+    meta = {**read_meta(path), "tokenizer": read_tokenizer_ref(path), "path": str(path)}
+    return model, cfg, meta
+
+
+def check_compatible(path: Path, model_cfg: ModelConfig, tokenizer_hash: str) -> None:
+    """ValueError listing every difference that makes resuming `path` with this model/tokenizer wrong."""
+    saved = read_model_config(path).to_dict()
+    wanted = model_cfg.to_dict()
+    # the attention kernel is a runtime choice; everything else changes the function or the shapes
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} != config {wanted.get(k)!r}"
+             for k in sorted(set(saved) | set(wanted)) if k != "attn_backend" and saved.get(k) != wanted.get(k)]
+    saved_hash = read_tokenizer_ref(path).get("hash")
+    if saved_hash != tokenizer_hash:
+        diffs.append(f"tokenizer hash: checkpoint {saved_hash!r} != data {tokenizer_hash!r}")
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: it was trained with a different setup:\n  " + "\n  ".join(diffs)
+                         + f"\nRestore the old settings, or delete {path.parent} to start from scratch.")
+
+
+# -- RNG state (weights_only-loadable: tensors and plain Python values only) -----------------------
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)), "pos": np_state["state"]["pos"],
+                  "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_trainer_state(path: Path | str) -> dict[str, Any]:
+    return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
+
+
+def _to_lists(value: Any) -> Any:
+    return [_to_lists(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,109 @@
+"""The training loop in one process: golden losses, the NaN guard, resume checks, accumulation errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmpipe.model import ModelConfig
+from llmpipe.train import checkpoint as ckpt
+from llmpipe.train.data import TokenWindows
+from llmpipe.train.loop import NonFiniteError, TrainConfig, Trainer
+from llmpipe.train.pretrain import train
+from tests.train.synthetic import markov_tokens, resolved_config, write_tokens
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pretrain_tiny_cpu.json"
+
+
+def golden_run(root: Path) -> dict:
+    """30 steps of the reduced tiny model on the fixed synthetic stream: what the golden file holds."""
+    write_tokens(root)
+    resolved = resolved_config(root, train={"max_steps": 30, "eval_every": 10, "checkpoint_every": 30})
+    result = train(resolved)
+    records = [json.loads(line) for line in (root / "models/pretrain/metrics.jsonl").read_text().splitlines()]
+    return {"model": resolved["model"], "train": resolved["train"],
+            "losses": [r["train/loss"] for r in records if "train/loss" in r],
+            "val_losses": [r["val/loss"] for r in records if "val/loss" in r], "final_val_loss": result["val_loss"]}
+
+
+def test_golden_losses_of_the_tiny_model_are_reproduced(tmp_path):
+    golden = json.loads(GOLDEN.read_text())
+    got = golden_run(tmp_path)
+    assert got["model"] == golden["model"] and got["train"] == golden["train"], "the golden setup changed"
+    assert len(got["losses"]) == 30 and got["losses"][-1] < got["losses"][0] - 1.0  # it learns
+    assert got["losses"] == pytest.approx(golden["losses"], abs=1e-6, rel=0)
+    assert got["val_losses"] == pytest.approx(golden["val_losses"], abs=1e-6, rel=0)
+
+
+def small_trainer(out: Path, **overrides) -> Trainer:
+    vocab = 256
+    stream = markov_tokens(20_000, vocab, seed=3)
+    cfg = TrainConfig(**{"seq_len": 32, "micro_batch": 4, "global_batch_tokens": 128, "max_steps": 12, "lr": 3e-3,
+                         "warmup_steps": 2, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4,
+                         "sample_tokens": 0, **overrides})
+    model_cfg = ModelConfig.from_preset("tiny", vocab, n_layer=1, d_model=64, max_seq_len=32)
+    return Trainer(model_cfg, cfg, TokenWindows([stream], 32), TokenWindows([stream[:2000]], 32), out,
+                   {"hash": "tok", "vocab_size": vocab}, 3.0)
+
+
+def test_a_nan_loss_stops_before_the_update_and_names_the_step_and_last_checkpoint(tmp_path):
+    trainer = small_trainer(tmp_path)
+    # poison the forward pass from the 7th step on
+    trainer.model.norm.register_forward_hook(lambda m, i, out: out * float("nan") if trainer.step >= 6 else out)
+    with pytest.raises(NonFiniteError) as err:
+        trainer.fit()
+    assert "step 7:" in str(err.value) and "step-000004" in str(err.value)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), "the NaN update was applied"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-000004"]
+    assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "step-000004")[2]["step"] == 4
+
+
+def test_resume_with_another_model_shape_or_tokenizer_is_refused_with_the_differences(tmp_path):
+    small_trainer(tmp_path, max_steps=4).fit()
+    wider = small_trainer(tmp_path, max_steps=8)
+    wider.model_cfg = ModelConfig.from_preset("tiny", 256, n_layer=1, d_model=128, max_seq_len=32)
+    wider.tokenizer_ref = {"hash": "other-tok", "vocab_size": 256}
+    with pytest.raises(ValueError, match="cannot resume") as err:
+        wider.fit()
+    assert "d_model: checkpoint 64 != config 128" in str(err.value)
+    assert "tokenizer hash: checkpoint 'tok' != data 'other-tok'" in str(err.value)
+
+
+def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    straight = small_trainer(tmp_path / "a")
+    straight.fit()
+    crashing = small_trainer(tmp_path / "b")
+    original_step = crashing.train_step
+
+    def crash_at_step_10():
+        if crashing.step == 9:
+            raise RuntimeError("power cut")
+        return original_step()
+
+    crashing.train_step = crash_at_step_10
+    with pytest.raises(RuntimeError, match="power cut"):
+        crashing.fit()
+    resumed = small_trainer(tmp_path / "b")
+    assert resumed.resume() == 8
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "train/loss" in r] == list(range(1, 13))  # step 9's partial log dropped
+
+
+def test_global_batch_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"multiple of micro_batch x seq_len x world_size = 4 x 32 x 2 = 256"):
+        TrainConfig(seq_len=32, micro_batch=4, global_batch_tokens=384).accum_steps(2)
+    assert TrainConfig(seq_len=32, micro_batch=4, global_batch_tokens=512).accum_steps(2) == 2
+
+
+if __name__ == "__main__":  # regenerate: .venv/bin/python -m tests.train.test_loop (only for an intended change)
+    import tempfile
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = golden_run(Path(tmp))
+    GOLDEN.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {GOLDEN}: final loss {data['losses'][-1]!r}")
