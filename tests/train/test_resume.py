@@ -1,0 +1,92 @@
+"""Kill the training process for real (SIGKILL, SIGTERM) and resume: the weights must be bit-identical."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmpipe.train import checkpoint as ckpt
+from tests.train.synthetic import resolved_config, write_tokens
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs the real entry point, but sends `signal` to itself when `at_step` steps are done.
+SELF_SIGNAL = """
+import os, signal, sys
+from llmpipe.train import loop
+at_step, sig = int(sys.argv[1]), getattr(signal, sys.argv[2])
+original = loop.Trainer.train_step
+def train_step(self):
+    if self.step == at_step:
+        os.kill(os.getpid(), sig)
+    return original(self)
+loop.Trainer.train_step = train_step
+from llmpipe.train.pretrain import main
+main(sys.argv[3:])
+"""
+
+
+def run(root: Path, resolved: dict, name: str, kill: tuple[int, str] | None = None) -> subprocess.CompletedProcess:
+    config = root / f"{name}.json"
+    config.write_text(json.dumps({**resolved, "out_dir": f"models/{name}"}))
+    args = ["-c", SELF_SIGNAL, str(kill[0]), kill[1]] if kill else ["-m", "llmpipe.train.pretrain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args, "--config", str(config)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = ckpt.load_weights(a), ckpt.load_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def losses(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    write_tokens(root)
+    resolved = resolved_config(root, train={"max_steps": 20, "checkpoint_every": 4, "keep_last": 3})
+    straight = run(root, resolved, "straight")
+    assert straight.returncode == 0, straight.stderr
+    return root, resolved
+
+
+@pytest.mark.slow
+def test_sigkill_after_step_12_then_resume_gives_bit_identical_weights(project):
+    root, resolved = project
+    killed = run(root, resolved, "killed", kill=(14, "SIGKILL"))  # dies inside step 15, step-12 saved
+    assert killed.returncode == -signal.SIGKILL
+    out = root / "models" / "killed"
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == "step-000012"
+    assert not (out / "final").exists()
+    resumed = run(root, resolved, "killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "step-000012" in resumed.stderr
+    assert_same_weights(root / "models/straight/final", out / "final")
+    assert losses(out) == losses(root / "models/straight")  # the log has each step once, same values
+    # optimizer moments too, not only the weights
+    sa = ckpt.load_trainer_state(root / "models/straight/checkpoints/step-000020")["optimizer"]["state"]
+    sb = ckpt.load_trainer_state(out / "checkpoints/step-000020")["optimizer"]["state"]
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exiting_and_the_run_resumes(project):
+    root, resolved = project
+    stopped = run(root, resolved, "stopped", kill=(6, "SIGTERM"))  # between checkpoints 4 and 8
+    assert stopped.returncode == -signal.SIGTERM, stopped.stderr
+    out = root / "models" / "stopped"
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == "step-000007"  # the step in flight finished
+    assert run(root, resolved, "stopped").returncode == 0
+    assert_same_weights(root / "models/straight/final", out / "final")
