@@ -1,0 +1,233 @@
+"""The `tokenizer` stage: train a SentencePiece BPE tokenizer on the deduplicated corpus, then encode
+the corpus into train/val token shards.
+
+    data/dedup/part-*.parquet ─▶ models/tokenizer/{tokenizer.model, tokenizer.json}
+                              ─▶ data/tokens/{train,val}/{shard-*.bin, meta.json}
+
+Split: a document goes to val when hash(id) < tokenizer.val_ratio (see encode.is_val), so the split
+never changes when other documents come or go. The tokenizer trains on train-split documents only
+(a deterministic sample of about tokenizer.train_max_chars characters), so val bytes-per-token is an
+honest measure of compression on unseen text; a Hugging Face byte-level BPE trained on the same
+sample is the yardstick.
+
+Both outputs are built in temp directories and renamed into place. A finished tokenizer whose
+fingerprint (settings, sample, input hash, trainer code) matches is reused on rerun, so a crash
+while encoding does not cost the training again; encoding is redone whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from llmpipe.config import StageConfig
+from llmpipe.io import atomic_path, read_json, sha256_file, write_json_atomic
+from llmpipe.stages import StageContext
+from llmpipe.tokenizer import encode, train
+from llmpipe.tokenizer.tokenizer import META_FILE, MODEL_FILE, SPECIAL_TOKENS, Tokenizer
+
+INPUT = "data/dedup"
+MODEL_DIR = "models/tokenizer"
+TOKENS_DIR = "data/tokens"
+TOKENIZER_FORMAT = "llmpipe.tokenizer/1"
+
+
+class TokenizerConfig(StageConfig):
+    """The `tokenizer` section of params.yaml."""
+
+    vocab_size: int = Field(4096, ge=1, le=2**31 - 1, description="pieces incl. 8 special tokens and 256 bytes")
+    val_ratio: float = Field(0.05, gt=0, lt=1, description="fraction of documents (by id hash) in the val split")
+    train_max_chars: int = Field(100_000_000, ge=1, description="about how many characters to train on")
+    character_coverage: float = Field(0.9995, gt=0, le=1,
+                                      description="share of characters that get their own piece; rarer ones use bytes")
+    shard_tokens: int = Field(100_000_000, ge=1, description="max tokens per shard file")
+    reference: bool = Field(True, description="train a Hugging Face byte-level BPE to compare compression with")
+
+
+class TrainingSample:
+    """The train-split documents the tokenizer learns from: those with hash(id) < fraction, about
+    `max_chars` characters in all. Iterating yields SentencePiece sentences and records a hash and
+    counts of what was yielded; any two iterations yield the same."""
+
+    def __init__(self, files: list[Path], val_ratio: float, max_chars: int):
+        import pyarrow.compute as pc
+
+        from llmpipe.io import iter_parquet_batches
+
+        self.files, self.val_ratio = files, val_ratio
+        self.corpus_documents = self.val_documents = self.train_chars = 0
+        for file in files:
+            encode.check_schema(file)
+            for batch in iter_parquet_batches(file, batch_size=4096, columns=["id", "text"]):
+                lengths = pc.utf8_length(batch.column(1)).to_pylist()
+                for doc_id, length in zip(batch.column(0).to_pylist(), lengths):
+                    self.corpus_documents += 1
+                    if encode.is_val(doc_id, val_ratio):
+                        self.val_documents += 1
+                    else:
+                        self.train_chars += length or 0
+        self.fraction = min(1.0, max_chars / self.train_chars) if self.train_chars else 1.0
+        self.documents = self.chars = self.sentences = 0
+        self.hash = ""
+
+    def __iter__(self):
+        digest = hashlib.sha256()
+        documents = chars = sentences = 0
+        for ids, texts in encode.iter_documents(self.files):
+            for doc_id, text in zip(ids, texts):
+                if encode.is_val(doc_id, self.val_ratio) or encode.unit_hash(doc_id, "sample") >= self.fraction:
+                    continue
+                digest.update(doc_id.encode() + b"\0" + text.encode() + b"\0")
+                documents += 1
+                chars += len(text)
+                for sentence in train.training_sentences(text):
+                    sentences += 1
+                    yield sentence
+        self.documents, self.chars, self.sentences, self.hash = documents, chars, sentences, digest.hexdigest()
+
+    def __str__(self) -> str:
+        return (f"the training sample ({self.chars:,} characters in {self.documents:,} train-split documents "
+                f"of {self.corpus_documents:,} in {INPUT})")
+
+
+def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
+    model_dir, tokens_dir = ctx.path(MODEL_DIR), ctx.path(TOKENS_DIR)
+    for leftover in [*model_dir.parent.glob(f".tmp-{model_dir.name}-*"), *tokens_dir.parent.glob(f".tmp-{tokens_dir.name}-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # a killed run's temp dirs
+    files = encode.input_files(ctx.path(INPUT))
+    if not files:
+        raise ValueError(f"{ctx.path(INPUT)} has no part-*.parquet files: run the dedup stage first (dvc repro dedup)")
+    source_hash = encode.source_hash(files)
+    sample = TrainingSample(files, cfg.val_ratio, cfg.train_max_chars)
+    _check_corpus(cfg, sample)
+    metrics: dict[str, float] = {}
+
+    # 1. Train, or reuse the finished tokenizer of an interrupted run with the same fingerprint.
+    options = train.trainer_options(cfg.vocab_size, cfg.character_coverage, num_threads=0)
+    del options["num_threads"], options["minloglevel"]
+    fingerprint = _fingerprint(cfg, options, source_hash)
+    reused = _reusable(model_dir, fingerprint)
+    metrics["tokenizer_reused"] = float(reused)
+    if reused:
+        ctx.log.info("reusing %s: trained with the same settings on the same input", model_dir)
+        metrics["train_time_s"] = 0.0
+    else:
+        started = time.perf_counter()
+        model = train.train_sentencepiece(sample, cfg.vocab_size, cfg.character_coverage, ctx.workers, sample)
+        metrics["train_time_s"] = time.perf_counter() - started
+        ctx.log.info("trained %d pieces on %s in %.1f s", cfg.vocab_size, sample, metrics["train_time_s"])
+        with atomic_path(model_dir) as tmp:
+            tmp.mkdir()
+            (tmp / MODEL_FILE).write_bytes(model)
+            write_json_atomic(tmp / META_FILE, _tokenizer_meta(cfg, options, sample, source_hash, fingerprint,
+                                                               sha256_file(tmp / MODEL_FILE)))
+    tok = Tokenizer.load(model_dir)
+    info = read_json(model_dir / META_FILE)
+    metrics.update(train_sample_documents=info["training_data"]["documents"],
+                   train_sample_chars=info["training_data"]["characters"])
+
+    # 2. The yardstick: a Hugging Face byte-level BPE of equal vocabulary on the same sample.
+    reference = None
+    if cfg.reference:
+        started = time.perf_counter()
+        reference = train.train_reference_bpe(iter(sample), cfg.vocab_size)
+        metrics["ref_train_time_s"] = time.perf_counter() - started
+        assert sample.hash == info["training_data_hash"], "the sample differs between two passes"
+
+    # 3. Encode every document into train/val shards (round trip checked on val).
+    started = time.perf_counter()
+    ref_val_tokens = [0]
+
+    def count_reference(texts: list[str]) -> None:
+        ref_val_tokens[0] += train.count_reference_tokens(reference, texts)
+
+    with atomic_path(tokens_dir) as tmp:
+        tmp.mkdir()
+        stats = encode.encode_corpus(tok, files, tmp, cfg.val_ratio, cfg.shard_tokens, ctx.workers,
+                                     meta={"source_hash": source_hash},
+                                     val_hook=count_reference if reference is not None else None)
+    encode_time = time.perf_counter() - started
+    for path in [model_dir / MODEL_FILE, model_dir / META_FILE, tokens_dir / "train" / "meta.json",
+                 tokens_dir / "val" / "meta.json"]:
+        ctx.tracker.log_artifact(path, artifact_path=path.parent.relative_to(ctx.root).as_posix())
+
+    # 4. Metrics.
+    train_st, val_st = stats["train"], stats["val"]
+    val_content = val_st.tokens - val_st.documents  # eos tokens excluded: compare like with like
+    train_content = train_st.tokens - train_st.documents
+    metrics.update(
+        vocab_size=tok.vocab_size,
+        train_documents=train_st.documents, val_documents=val_st.documents,
+        train_tokens=train_st.tokens, val_tokens=val_st.tokens,
+        train_bytes=train_st.bytes, val_bytes=val_st.bytes,
+        bytes_per_token_val=val_st.bytes / max(val_content, 1),
+        vocab_utilization_val=float((val_st.id_counts > 0).mean()),
+        vocab_utilization_train=float((train_st.id_counts > 0).mean()),
+        byte_fallback_rate_val=val_st.byte_tokens / max(val_content, 1),
+        byte_fallback_rate_train=train_st.byte_tokens / max(train_content, 1),
+        roundtrip_checked_documents=val_st.roundtrip_checked, roundtrip_failures=0,
+        encode_time_s=encode_time,
+        encode_mb_per_s=(train_st.bytes + val_st.bytes) / 1e6 / max(encode_time, 1e-9),
+    )
+    if reference is not None:
+        metrics["ref_bytes_per_token_val"] = val_st.bytes / max(ref_val_tokens[0], 1)
+        metrics["compression_vs_ref"] = metrics["bytes_per_token_val"] / metrics["ref_bytes_per_token_val"]
+    ctx.log.info("val: %.3f bytes/token (reference %.3f), byte fallback %.4f, vocab used %.3f",
+                 metrics["bytes_per_token_val"], metrics.get("ref_bytes_per_token_val", float("nan")),
+                 metrics["byte_fallback_rate_val"], metrics["vocab_utilization_val"])
+    return metrics
+
+
+def _check_corpus(cfg: TokenizerConfig, sample: TrainingSample) -> None:
+    """Stop early, with what to change, on input the tokenizer cannot be trained or evaluated on."""
+    where = f"{INPUT} ({len(sample.files)} part files)"
+    if sample.corpus_documents == 0:
+        raise ValueError(f"{where} holds no documents: the corpus is empty. Check the ingest sources "
+                         "and the clean/dedup settings, then re-run the data stages")
+    if sample.train_chars == 0:
+        raise ValueError(f"the train split of {where} has no text ({sample.corpus_documents - sample.val_documents} "
+                         f"documents, all empty or in val): lower tokenizer.val_ratio in params.yaml or add data")
+    if sample.val_documents == 0:
+        raise ValueError(f"tokenizer.val_ratio={cfg.val_ratio} put none of the {sample.corpus_documents} documents "
+                         f"of {where} into the val split: raise tokenizer.val_ratio in params.yaml or add data")
+
+
+def _fingerprint(cfg: TokenizerConfig, options: dict, source_hash: str) -> str:
+    import sentencepiece
+
+    data = {"options": options, "val_ratio": cfg.val_ratio, "train_max_chars": cfg.train_max_chars,
+            "source_hash": source_hash, "sentencepiece": sentencepiece.__version__,
+            "code": sha256_file(train.__file__), "format": TOKENIZER_FORMAT}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _reusable(model_dir: Path, fingerprint: str) -> bool:
+    meta_file, model_file = model_dir / META_FILE, model_dir / MODEL_FILE
+    if not (meta_file.exists() and model_file.exists()):
+        return False
+    meta = read_json(meta_file)
+    return meta.get("fingerprint") == fingerprint and meta.get("hash") == sha256_file(model_file)
+
+
+def _tokenizer_meta(cfg: TokenizerConfig, options: dict, sample: TrainingSample, source_hash: str,
+                    fingerprint: str, model_hash: str) -> dict:
+    """tokenizer.json: what the model is, how it was trained, on what. No timings: same input, same bytes."""
+    import sentencepiece
+
+    ids = {name: i for i, name in enumerate(SPECIAL_TOKENS)}  # train.trainer_options fixes ids 0..7
+    return {
+        "format": TOKENIZER_FORMAT, "model_file": MODEL_FILE, "type": "sentencepiece-bpe",
+        "vocab_size": cfg.vocab_size, "hash": model_hash,
+        "special_tokens": {name: {"piece": piece, "id": ids[name]} for name, piece in SPECIAL_TOKENS.items()},
+        "training_params": {**options, "val_ratio": cfg.val_ratio, "train_max_chars": cfg.train_max_chars,
+                            "sentencepiece_version": sentencepiece.__version__},
+        "training_data_hash": sample.hash, "source_hash": source_hash,
+        "training_data": {"documents": sample.documents, "characters": sample.chars, "sentences": sample.sentences,
+                          "sample_fraction": sample.fraction},
+        "fingerprint": fingerprint,
+    }
