@@ -179,8 +179,9 @@ def input_hashes(root: Path, stage: str) -> dict[str, str]:
         for name, entry in (lock.get("stages") or {}).items():
             for item in (entry.get("outs") or []) + ((entry.get("deps") or []) if name == stage else []):
                 known.setdefault(item["path"], item.get("md5") or item.get("hash") or "")
-    for dvc_file in root.glob("**/*.dvc"):
-        if ".dvc" in dvc_file.parts[:-1] or ".venv" in dvc_file.parts:
+    # .dvc files live next to the raw data they track; never walk .venv or the DVC cache.
+    for dvc_file in [*root.glob("*.dvc"), *root.glob("data/**/*.dvc")]:
+        if not dvc_file.is_file():
             continue
         spec = yaml.safe_load(dvc_file.read_text()) or {}
         for out in spec.get("outs") or []:
