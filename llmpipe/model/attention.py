@@ -105,11 +105,11 @@ def _cuda_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _sdpa_order(device: torch.device, grouped: bool) -> list[SDPBackend]:
+def _sdpa_order(device_index: int, grouped: bool) -> list[SDPBackend]:
     rest = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     # cuDNN attention is the fastest kernel on Hopper. With grouped kv heads we put FlashAttention-2
     # first: torch documents GQA support for flash and math, and we do not rely on cuDNN for it.
-    if _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) == 9 and not grouped:
+    if _cuda_major(device_index) == 9 and not grouped:
         return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *rest]
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, *rest]
 
@@ -118,7 +118,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     grouped = k.shape[1] != q.shape[1]
     if q.device.type != "cuda":  # CPU: torch picks its flash-style CPU kernel or math by itself
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
-    with sdpa_kernel(_sdpa_order(q.device, grouped), set_priority=True):
+    with sdpa_kernel(_sdpa_order(q.device.index, grouped), set_priority=True):  # a CUDA tensor's index is set
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)  # (B, H, T, D)
 
 
