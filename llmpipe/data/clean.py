@@ -1,0 +1,210 @@
+"""The clean stage: data/raw documents -> data/clean chunks (+ quarantine), one output shard per input shard.
+
+Per document: HTML -> text, Unicode/whitespace normalization, Project Gutenberg header/footer removal
+(all whole-document operations), then the document is split into chunks on paragraph boundaries of at
+most `chunk_chars` characters. Per chunk: PII scrubbing, quality filters, repetition filters, toxicity.
+
+THE UNIT AFTER CLEAN IS THE CHUNK. Every chunk is a record with its own content id and meta
+{parent_id, chunk_index, chunk_count, ...the document's meta}. Accounting is at chunk level: `read`
+counts the chunks produced, and each of them is either kept or rejected with a reason, so
+`read == kept + rejected` holds per source. A document that is empty after normalization yields one
+empty chunk, rejected as `empty`, so no input document disappears without a quarantine row.
+Documents are counted on the side: `documents_in` (input records) and `documents_out` (those with
+at least one kept chunk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field
+
+from llmpipe.config import StageConfig, params_hash
+from llmpipe.data.accounting import Counts, Record, ShardWriter, content_id, read_records
+from llmpipe.data.filters import GopherQuality, GopherRepetition, QualityConfig
+from llmpipe.data.normalize import HtmlToText, Normalize, StripGutenberg
+from llmpipe.data.pii import PIIConfig, ScrubPII
+from llmpipe.data.report import write_report
+from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
+from llmpipe.data.steps import Reject, Step
+from llmpipe.data.toxicity import ToxicityConfig, ToxicityFilter
+from llmpipe.io import done_info, sha256_file
+
+if TYPE_CHECKING:
+    from llmpipe.stages import StageContext
+
+INPUT_DIR, OUTPUT_DIR = "data/raw", "data/clean"
+_HERE = Path(__file__).parent
+# Code whose change must redo finished shards (DVC reruns the stage; the fingerprint makes it redo them).
+CODE_FILES = ("clean.py", "normalize.py", "filters.py", "pii.py", "toxicity.py", "steps.py", "resources/toxic_words.txt")
+
+
+class CleanConfig(StageConfig):
+    chunk_chars: int = Field(4000, ge=200, description="max characters of a chunk (paragraphs are packed up to it)")
+    html: Literal["auto", "always", "never"] = Field("auto", description="convert HTML to text (auto: detected pages)")
+    strip_gutenberg: bool = Field(True, description="remove Project Gutenberg license headers/footers")
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    pii: PIIConfig = Field(default_factory=PIIConfig)
+    toxicity: ToxicityConfig = Field(default_factory=ToxicityConfig)
+
+
+# -- chunking ------------------------------------------------------------------------------------------
+
+_SEPARATORS = ("\n\n", "\n", " ")  # paragraphs, then lines, then words; then a hard cut
+
+
+def split_chunks(text: str, max_chars: int, level: int = 0) -> list[str]:
+    """Greedily pack paragraphs into chunks of at most `max_chars`; a longer paragraph is split on
+    lines (a longer line on spaces, a longer word by a hard cut). An empty text gives one empty chunk."""
+    sep = _SEPARATORS[level]
+    chunks: list[str] = []
+    current: list[str] = []
+    size = -len(sep)  # length of sep.join(current)
+    for part in text.split(sep):
+        if len(part) > max_chars:
+            if current:
+                chunks.append(sep.join(current))
+            if level + 1 < len(_SEPARATORS):
+                pieces = split_chunks(part, max_chars, level + 1)
+            else:
+                pieces = [part[i:i + max_chars] for i in range(0, len(part), max_chars)]
+            chunks += pieces[:-1]
+            current, size = [pieces[-1]], len(pieces[-1])  # the tail may share a chunk with what follows
+            continue
+        if current and size + len(sep) + len(part) > max_chars:
+            chunks.append(sep.join(current))
+            current, size = [], -len(sep)
+        current.append(part)
+        size += len(sep) + len(part)
+    chunks.append(sep.join(current))
+    return chunks
+
+
+# -- the step pipeline ---------------------------------------------------------------------------------
+
+class CleanPipeline:
+    """Document steps (transforms), the chunker, then chunk steps (transforms or filters) in order."""
+
+    def __init__(self, cfg: CleanConfig, root: Path) -> None:
+        self.chunk_chars = cfg.chunk_chars
+        self.doc_steps = [HtmlToText(cfg.html), Normalize()] + ([StripGutenberg()] if cfg.strip_gutenberg else [])
+        self.chunk_steps: list[Step] = [ScrubPII(cfg.pii)] if cfg.pii.types else []
+        self.chunk_steps += [GopherQuality(cfg.quality), GopherRepetition(cfg.quality)]
+        if cfg.toxicity.threshold < 1:
+            self.chunk_steps.append(ToxicityFilter(cfg.toxicity, root))
+
+    def __call__(self, doc: Record) -> Iterator[tuple[Record, Reject | None]]:
+        """Yield (chunk, None) for kept chunks and (chunk, Reject) for rejected ones."""
+        for step in self.doc_steps:
+            doc = step(doc)
+        texts = split_chunks(doc.text, self.chunk_chars)
+        for index, text in enumerate(texts):
+            chunk = Record("", doc.source, text,
+                           {**doc.meta, "parent_id": doc.id, "chunk_index": index, "chunk_count": len(texts)})
+            verdict = Reject("empty", "no text left after normalization") if not text else None
+            for step in self.chunk_steps if verdict is None else ():
+                out = step(chunk)
+                if isinstance(out, Reject):
+                    verdict = out
+                    break
+                chunk = out
+            yield dataclasses.replace(chunk, id=content_id(chunk.text)), verdict
+
+    def stats(self) -> Counter:
+        return Counter({f"{step.name}.{key}": n for step in self.doc_steps + self.chunk_steps
+                        for key, n in step.stats.items()})
+
+
+def clean_shard(task: ShardTask, *, cfg: CleanConfig, root: Path) -> Counts:
+    """Clean one input shard into one output shard and one quarantine shard."""
+    start = time.perf_counter()
+    pipeline, counts, docs = CleanPipeline(cfg, root), Counts(), Counter()
+    (path,) = task.inputs
+    with ShardWriter(task.output, task.quarantine) as writer:
+        for doc in read_records(Path(path)):
+            docs["documents_in", doc.source] += 1
+            counts.stats["input_bytes"] += len(doc.text) if doc.text.isascii() else len(doc.text.encode("utf-8"))
+            kept = 0
+            for chunk, verdict in pipeline(doc):
+                counts.on_read(chunk.source, len(chunk.text))
+                if verdict is None:
+                    writer.keep(chunk)
+                    counts.on_kept(chunk.source, len(chunk.text))
+                    kept += 1
+                else:
+                    writer.reject(chunk, verdict.reason, verdict.detail)
+                    counts.on_rejected(chunk.source, verdict.reason, len(chunk.text))
+            docs["documents_out", doc.source] += kept > 0
+    counts.stats.update(pipeline.stats())
+    for (name, source), n in docs.items():
+        counts.stats[name] += n
+        counts.stats[f"{name}[{source}]"] += n  # per source, for the report (kept out of the metrics)
+    counts.stats["worker_seconds"] += time.perf_counter() - start
+    return counts
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+
+def code_hash() -> str:
+    digest = hashlib.sha256()
+    for name in CODE_FILES:
+        digest.update(name.encode() + b"\0" + (_HERE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run(cfg: CleanConfig, ctx: StageContext) -> dict[str, float]:
+    in_dir, out_dir = ctx.path(INPUT_DIR), ctx.path(OUTPUT_DIR)
+    inputs = sorted(in_dir.glob("part-*.parquet"))
+    if not inputs:
+        raise ValueError(f"{in_dir}: no part-*.parquet shards; run the ingest stage first (llmpipe stage ingest)")
+    base = f"{params_hash(cfg)}:{code_hash()}"
+    tasks = []
+    for index, path in enumerate(inputs):
+        fingerprint = hashlib.sha256(f"{base}:{path.name}:{sha256_file(path)}".encode()).hexdigest()[:16]
+        tasks.append(ShardTask(index, (str(path),), *shard_paths(out_dir, index), fingerprint))
+    prune_stale(out_dir, tasks)
+    pending = [t for t in tasks if _pending(t)]
+    start = time.perf_counter()
+    counts = run_shards(tasks, functools.partial(clean_shard, cfg=cfg, root=ctx.root), workers=ctx.workers, stage="clean")
+    wall = time.perf_counter() - start
+    # Wall-clock rate over the shards this run did (0 when all were done already); per-worker rate over all.
+    done_mb = sum(done_info(t.output)["counts"]["stats"]["input_bytes"] for t in pending) / 1e6
+    stats = counts.stats
+    input_mb = stats["input_bytes"] / 1e6
+    metrics = {k: v for k, v in counts.metrics().items() if "[" not in k}
+    metrics.update(chunks_out=float(sum(counts.kept.values())), mb_per_s=done_mb / wall if pending else 0.0,
+                   mb_per_s_per_worker=input_mb / max(stats["worker_seconds"], 1e-9))
+    report = write_report("clean", counts, out_dir, extra=_report_extra(counts))
+    for artifact in (report, out_dir / "lengths.png", out_dir / "reject_reasons.png"):
+        ctx.tracker.log_artifact(artifact, "clean_report")
+    ctx.log.info("clean: %d documents -> %d of %d chunks kept (%.1f MB at %.1f MB/s per worker)",
+                 stats["documents_in"], metrics["chunks_out"], sum(counts.read.values()), input_mb,
+                 metrics["mb_per_s_per_worker"])
+    return metrics
+
+
+def _pending(task: ShardTask) -> bool:
+    info = done_info(task.output)
+    return not (info and info.get("fingerprint") == task.fingerprint and task.quarantine.exists())
+
+
+def _report_extra(counts: Counts) -> str:
+    s = counts.stats
+    sources = sorted({k[k.index("[") + 1:-1] for k in s if k.startswith("documents_in[")})
+    lines = ["## Unit: the chunk", "",
+             "Records above are **chunks**: each document is split on paragraph boundaries into chunks, and "
+             "`read = kept + rejected` counts chunks. Documents are counted here: a document is *out* when at "
+             "least one of its chunks is kept.", "",
+             "| source | documents in | documents out |", "|---|---:|---:|"]
+    lines += [f"| {src} | {s[f'documents_in[{src}]']:,} | {s[f'documents_out[{src}]']:,} |" for src in sources]
+    lines += ["", "## Transforms", "", "| counter | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:,.0f} |" for k, v in sorted(s.items())
+              if k.split(".")[0] in ("html", "normalize", "gutenberg", "pii")]
+    return "\n".join(lines)  # no timings here: the report is a DVC output and must not change on a rerun
