@@ -412,7 +412,7 @@ def run(cfg: IngestConfig, ctx: StageContext) -> dict[str, float]:
     extra = "\n".join(["## Sources", "", "| name | type | from | shards |", "|---|---|---|---:|", *rows])
     report = write_report("ingest", counts, out, extra=extra)
     for artifact in (report, out / "lengths.png", out / "reject_reasons.png"):
-        ctx.tracker.log_artifact(artifact)
+        ctx.tracker.log_artifact(artifact, "ingest_report")
     ctx.log.info("ingest: %d shards (%d resumed), %.1f MB read in %.1f s", len(tasks), len(resumed), new_mb, seconds)
     return {**counts.metrics(), "shards": len(tasks), "shards_resumed": len(resumed), "seconds": seconds,
             "input_mb": counts.stats["input_bytes"] / 1e6, "mb_per_s": new_mb / seconds if new_mb else 0.0}

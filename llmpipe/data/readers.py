@@ -41,6 +41,7 @@ SUFFIXES = {".txt": "txt", ".text": "txt", ".md": "md", ".markdown": "md", ".htm
 
 SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB means binary (git's rule)
 CHUNK_BYTES = 1 << 20
+FIELD_CHARS = 1024  # other fields of a row longer than this are not copied into meta
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 
 
@@ -128,9 +129,11 @@ def _document(where: Where, text: str, opts: ReadOptions, suffix: str = "", empt
 
 
 def _scalars(row: dict[str, Any], skip: str) -> dict[str, Any]:
-    """The other scalar fields of a row (url, license, ...), kept in meta['fields'] for provenance."""
+    """The other short scalar fields of a row (url, license, ...), kept in meta['fields'] for provenance;
+    long strings (a raw HTML copy, say) would only double the storage."""
     return {k: replace_undecodable(v) if isinstance(v, str) else v for k, v in row.items()
-            if k != skip and isinstance(v, (str, int, float, bool)) and replace_undecodable(k) == k}
+            if k != skip and isinstance(v, (str, int, float, bool)) and replace_undecodable(k) == k
+            and not (isinstance(v, str) and len(v) > FIELD_CHARS)}
 
 
 def _text_of(obj: dict[str, Any], where: Where, opts: ReadOptions, suffix: str, **pos: Any) -> Record | Reject:

@@ -70,11 +70,12 @@ def test_invalid_byte_in_text_can_quarantine_the_document():
 
 
 def test_jsonl_records_with_line_numbers_and_fields():
-    data = b'{"text": "first", "url": "http://a", "n": 3, "tags": ["x"]}\n\n{"text": "second"}\n'
+    data = b'{"text": "first", "url": "http://a", "n": 3, "tags": ["x"], "html": "%s"}\n\n{"text": "second"}\n' % (
+        b"<p>" * 1000)
     first, second = read(data, "jsonl", "d/x.jsonl")
     assert (first.text, second.text) == ("first", "second")
     assert first.meta["origin"] == "d/x.jsonl:1" and second.meta["line"] == 3  # blank line 2 is not a record
-    assert first.meta["fields"] == {"url": "http://a", "n": 3}  # scalars only
+    assert first.meta["fields"] == {"url": "http://a", "n": 3}  # short scalars only
 
 
 def test_jsonl_gz():
