@@ -164,6 +164,13 @@ class ShardWriter:
         self._write(self.quarantine, _quarantine_table(self._rejected))
         self._kept, self._rejected, self._buffered_chars = [], [], 0
 
+    def write_tables(self, kept: pa.Table, rejected: pa.Table) -> None:
+        """Append ready-made tables (RECORD_SCHEMA, QUARANTINE_SCHEMA): for a stage that filters
+        whole Arrow batches instead of unpacking records."""
+        self.flush()
+        self._write(self.output, kept)
+        self._write(self.quarantine, rejected)
+
     def _write(self, final: Path, table: pa.Table) -> None:
         if final not in self._writers:
             final.parent.mkdir(parents=True, exist_ok=True)

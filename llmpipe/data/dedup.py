@@ -1,0 +1,393 @@
+"""The dedup stage: exact duplicates, then MinHash-LSH near duplicates, across the whole corpus.
+
+    data/clean/part-*.parquet ──▶ data/dedup/part-XXXXX.parquet (one per input shard)
+                                  data/dedup/quarantine/part-XXXXX.parquet (exact_duplicate, near_duplicate)
+                                  data/dedup/clusters.parquet, data/dedup/report.md (+ plots)
+                                  data/dedup/sketches/part-XXXXX.npz (phase 1 work, kept for resume)
+
+Phase 1, per shard in parallel (resumable): normalize every record (see `llmpipe.data.minhash`),
+  hash it (128-bit xxh3 of the normalized text) and compute its MinHash signature; save them with
+  the record's id, source, length and meta hash as `sketches/part-XXXXX.npz` + a completion marker
+  whose fingerprint is the signature params + this code + the input shard's sha256.
+Phase 2, global, in one process: group equal exact hashes; band the signatures of one record per
+  exact group (LSH: `bands` × `rows` slots per band, bucket by sorting the band hashes), verify each
+  candidate pair's estimated Jaccard against `threshold`, and join verified pairs with union-find.
+  Memory: O(records × num_perm × 4 bytes) for the signatures (128 perms: 512 bytes per record,
+  ~0.5 GB per million chunks) plus one band's keys and candidate pairs at a time. This index is
+  the only part of the stage whose memory grows with the corpus; phases 1 and 3 hold one shard.
+Phase 3, per shard in parallel (resumable): copy kept records, quarantine dropped ones with
+  detail {"kept": id of the kept member, "jaccard": estimated Jaccard to it, "cluster": id}.
+
+The kept member of each cluster is the longest text (characters), ties broken by the smallest id,
+then source, then a hash of meta, then input position (only for fully identical records): it
+depends on the records alone, never on shard order or the number of workers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+from pydantic import Field, model_validator
+
+from llmpipe.config import StageConfig, params_hash
+from llmpipe.data import minhash
+from llmpipe.data.accounting import QUARANTINE_SCHEMA, QUARANTINE_TEXT_LIMIT, RECORD_SCHEMA, Counts, Record, ShardWriter
+from llmpipe.data.report import write_report
+from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
+from llmpipe.io import atomic_path, clean_stale_temps, iter_parquet_batches, marker_path, sha256_file, write_parquet_atomic
+
+INPUT_DIR, OUTPUT_DIR = "data/clean", "data/dedup"
+# Code whose change must redo finished shards (DVC reruns the stage; the fingerprints make it redo them).
+CODE_FILES = ("dedup.py", "minhash.py")
+EXACT, NEAR = "exact_duplicate", "near_duplicate"
+
+
+class DedupConfig(StageConfig):
+    """The `dedup` section of params.yaml."""
+
+    shingle_size: int = Field(3, ge=1, le=32, description="words per shingle (word n-grams of the normalized text)")
+    num_perm: int = Field(126, ge=2, le=1024, description="MinHash permutations (signature length)")
+    bands: int = Field(42, ge=1, description="LSH bands; bands * rows must equal num_perm")
+    rows: int = Field(3, ge=1, description="signature slots per LSH band")
+    threshold: float = Field(0.45, gt=0, le=1, description="estimated Jaccard at or above which two texts are near duplicates")
+    seed: int = Field(0, ge=0, description="seed of the MinHash permutations")
+    batch_chars: int = Field(1 << 18, ge=1 << 10, description="characters hashed per numpy batch in phase 1")
+
+    @model_validator(mode="after")
+    def _bands_cover_signature(self) -> DedupConfig:
+        if self.bands * self.rows != self.num_perm:
+            raise ValueError(f"bands * rows must equal num_perm, got {self.bands} * {self.rows} = "
+                             f"{self.bands * self.rows} != {self.num_perm}; e.g. num_perm {self.bands * self.rows}, "
+                             f"or rows {self.num_perm // self.bands} with bands dividing num_perm")
+        return self
+
+    def hasher(self) -> minhash.MinHasher:
+        return minhash.MinHasher(num_perm=self.num_perm, shingle_size=self.shingle_size, seed=self.seed)
+
+
+# -- phase 1: sketches ----------------------------------------------------------------------------
+
+SKETCH_FIELDS = ("ids", "sources", "lengths", "meta_hash", "exact", "sig", "nonempty", "shard", "row")
+
+
+def sketch_columns(batches, hasher: minhash.MinHasher, batch_chars: int = 1 << 18, shard: int = 0) -> dict[str, np.ndarray]:
+    """Everything phase 2 needs about some records, from (ids, sources, texts, metas) column batches
+    (metas: the JSON strings of the record schema): exact hashes, signatures, ranking keys and
+    (shard, row) positions."""
+    ids, sources, lengths, meta_hash, parts = [], [], [], [], []
+    pending: list[str] = []
+    size = 0
+    for batch_ids, batch_sources, texts, metas in batches:
+        ids += batch_ids
+        sources += batch_sources
+        lengths += map(len, texts)
+        meta_hash += [xxhash.xxh3_64_intdigest((m or "").encode("utf-8", "surrogatepass")) for m in metas]
+        for text in texts:  # hash in batches of ~batch_chars: big enough for numpy, small enough for the cache
+            pending.append(text)
+            size += len(text)
+            if size >= batch_chars:
+                parts.append(hasher.sketch(pending))
+                pending, size = [], 0
+    if pending or not parts:
+        parts.append(hasher.sketch(pending))
+    exact, nonempty, sig = (np.concatenate(column) for column in zip(*parts))
+    return {"ids": np.array(ids, dtype=str), "sources": np.array(sources, dtype=str),
+            "lengths": np.array(lengths, dtype=np.int64), "meta_hash": np.array(meta_hash, dtype=np.uint64),
+            "exact": exact.reshape(-1, 2), "sig": sig.reshape(-1, hasher.num_perm), "nonempty": nonempty,
+            "shard": np.full(len(ids), shard, dtype=np.int64), "row": np.arange(len(ids), dtype=np.int64)}
+
+
+def sketch_records(records: list[Record], hasher: minhash.MinHasher, batch_chars: int = 1 << 18) -> dict[str, np.ndarray]:
+    """`sketch_columns` of in-memory records (as if they were one shard)."""
+    metas = [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r in records]  # as ShardWriter stores them
+    columns = ([r.id for r in records], [r.source for r in records], [r.text for r in records], metas)
+    return sketch_columns([columns], hasher, batch_chars)
+
+
+def _read_columns(path: Path, stats: Counter, rows: int = 512):
+    for batch in iter_parquet_batches(path, batch_size=rows, columns=list(RECORD_SCHEMA.names)):
+        stats["input_bytes"] += pc.sum(pc.binary_length(batch.column("text").cast(pa.binary()))).as_py() or 0
+        yield tuple(batch.column(name).to_pylist() for name in RECORD_SCHEMA.names)
+
+
+def _sketch_shard(task: ShardTask, hasher: minhash.MinHasher, batch_chars: int) -> Counts:
+    (source_path,) = task.inputs
+    start = time.perf_counter()
+    counts = Counts()  # phase 1 drops nothing (phase 3 does the accounting); it only measures
+    arrays = sketch_columns(_read_columns(source_path, counts.stats), hasher, batch_chars, shard=task.index)
+    with atomic_path(task.output) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    counts.stats["sketch_seconds"] = time.perf_counter() - start
+    return counts
+
+
+def load_sketches(paths: list[Path]) -> dict[str, np.ndarray]:
+    """Concatenate shard sketches (in shard order)."""
+    parts = []
+    for shard, path in enumerate(paths):
+        with np.load(path) as npz:
+            parts.append({name: npz[name] for name in SKETCH_FIELDS})
+        assert np.all(parts[-1]["shard"] == shard), f"{path} was sketched as another shard"
+    return {name: np.concatenate([p[name] for p in parts]) for name in SKETCH_FIELDS}
+
+
+# -- phase 2: global duplicate finding ------------------------------------------------------------
+
+@dataclass
+class Duplicates:
+    """Per record (aligned with the sketches): which record it yields to, why, and its cluster."""
+
+    kept: np.ndarray  # (N,) int64: index of the record kept in its place (itself when kept)
+    exact: np.ndarray  # (N,) bool: dropped as an exact duplicate of `kept`
+    jaccard: np.ndarray  # (N,) float: estimated Jaccard to `kept` (1.0 for exact duplicates)
+    cluster: np.ndarray  # (N,) int64: cluster id, -1 for records without duplicates
+    candidate_pairs: int = 0
+    verified_pairs: int = 0
+
+    @property
+    def dropped(self) -> np.ndarray:
+        return self.kept != np.arange(len(self.kept))
+
+
+def rank_records(sk: dict[str, np.ndarray]) -> np.ndarray:
+    """rank[i] = position of record i in keep-preference order (0 = kept first)."""
+    order = np.lexsort((sk["row"], sk["shard"], sk["meta_hash"], sk["sources"], sk["ids"], -sk["lengths"]))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank
+
+
+def find_duplicates(sk: dict[str, np.ndarray], cfg: DedupConfig, log=None) -> Duplicates:
+    """Phase 2: exact groups, then LSH candidates verified at `cfg.threshold`, joined by union-find."""
+    n = len(sk["ids"])
+    rank = rank_records(sk)
+    # Exact groups: sort by (hash, rank); the first of each run of equal hashes represents it.
+    order = np.lexsort((rank, sk["exact"][:, 1], sk["exact"][:, 0]))
+    ex = sk["exact"][order]
+    new_group = np.concatenate([[True], (ex[1:] != ex[:-1]).any(axis=1)])
+    exact_rep = np.empty(n, dtype=np.int64)
+    exact_rep[order] = order[np.flatnonzero(new_group)[np.cumsum(new_group) - 1]]
+
+    # Near duplicates among the representatives that have shingles.
+    reps = np.flatnonzero((exact_rep == np.arange(n)) & sk["nonempty"])
+    sig = sk["sig"][reps]
+    keys = minhash.band_keys(sig, cfg.bands, cfg.rows)  # (bands, R)
+    edges, n_candidates = [], 0
+    for band in keys:
+        pairs = minhash.candidate_pairs(band[None, :])
+        n_candidates += len(pairs)
+        edges.append(minhash.verified_pairs(sig, pairs, cfg.threshold)[0])
+    edges = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
+    component = minhash.connected_components(len(reps), edges)  # (R,) smallest member index
+    # The kept member of each component is its best-ranked member.
+    by_comp = np.lexsort((rank[reps], component))
+    first = np.concatenate([[True], component[by_comp][1:] != component[by_comp][:-1]])
+    comp_kept = np.empty(len(reps), dtype=np.int64)
+    comp_kept[by_comp] = reps[by_comp][np.flatnonzero(first)[np.cumsum(first) - 1]]
+    near_kept = np.arange(n)
+    near_kept[reps] = comp_kept
+
+    kept = near_kept[exact_rep]
+    exact = (sk["exact"] == sk["exact"][kept]).all(axis=1) & (kept != np.arange(n))
+    near = np.flatnonzero(~exact & (kept != np.arange(n)))
+    jaccard = np.ones(n)
+    jaccard[near] = minhash.estimated_jaccard(sk["sig"][near], sk["sig"][kept[near]])
+    # Cluster ids: clusters (kept records with at least one duplicate) in order of their kept id.
+    heads = np.unique(kept[kept != np.arange(n)])
+    heads = heads[np.argsort(sk["ids"][heads], kind="stable")]
+    cluster_of_head = np.full(n, -1, dtype=np.int64)
+    cluster_of_head[heads] = np.arange(len(heads))
+    if log:
+        log.info("dedup: %d records, %d exact groups, %d LSH candidate pairs, %d verified, %d clusters",
+                 n, int(new_group.sum()), n_candidates, len(edges), len(heads))
+    return Duplicates(kept=kept, exact=exact, jaccard=jaccard, cluster=cluster_of_head[kept],
+                      candidate_pairs=n_candidates, verified_pairs=len(edges))
+
+
+def clusters_table(sk: dict[str, np.ndarray], dup: Duplicates) -> pa.Table:
+    """One row per cluster: kept id, members (kept first, then by keep preference), their sources and
+    estimated Jaccard to the kept member, and how many were exact / near duplicates."""
+    rank = rank_records(sk)
+    members = np.flatnonzero(dup.cluster >= 0)
+    members = members[np.lexsort((rank[members], dup.cluster[members]))]
+    cuts = np.flatnonzero(np.diff(dup.cluster[members])) + 1
+    rows = {name: [] for name in ("cluster", "kept_id", "size", "exact_duplicates", "near_duplicates",
+                                  "sources", "member_ids", "member_sources", "member_jaccard")}
+    for group in np.split(members, cuts) if len(members) else []:
+        dropped = group[1:]
+        rows["cluster"].append(int(dup.cluster[group[0]]))
+        rows["kept_id"].append(str(sk["ids"][group[0]]))
+        rows["size"].append(len(group))
+        rows["exact_duplicates"].append(int(dup.exact[dropped].sum()))
+        rows["near_duplicates"].append(int((~dup.exact[dropped]).sum()))
+        rows["sources"].append(sorted(set(sk["sources"][group].tolist())))
+        rows["member_ids"].append(sk["ids"][group].tolist())
+        rows["member_sources"].append(sk["sources"][group].tolist())
+        rows["member_jaccard"].append([round(float(j), 4) for j in dup.jaccard[group]])
+    schema = pa.schema([("cluster", pa.int64()), ("kept_id", pa.string()), ("size", pa.int64()),
+                        ("exact_duplicates", pa.int64()), ("near_duplicates", pa.int64()),
+                        ("sources", pa.list_(pa.string())), ("member_ids", pa.list_(pa.string())),
+                        ("member_sources", pa.list_(pa.string())), ("member_jaccard", pa.list_(pa.float64()))])
+    return pa.table(rows, schema=schema)
+
+
+# -- phase 3: write kept records and quarantine ---------------------------------------------------
+
+def _write_shard(task: ShardTask) -> Counts:
+    """Filter the input shard batch by batch in Arrow (records are never unpacked into Python objects)."""
+    source_path, expected_ids, drops = task.inputs  # drops: row -> (reason, detail)
+    counts = Counts()
+    row = 0
+    with ShardWriter(task.output, task.quarantine) as writer:
+        for batch in iter_parquet_batches(source_path, batch_size=4096, columns=list(RECORD_SCHEMA.names)):
+            ids = batch.column("id").to_pylist()
+            assert ids == expected_ids[row:row + len(ids)].tolist(), f"{source_path} changed since phase 1"
+            dropped = [drops.get(r) for r in range(row, row + len(ids))]
+            mask = pa.array([d is not None for d in dropped])
+            lengths = pc.utf8_length(batch.column("text")).to_pylist()
+            for source, length, drop in zip(batch.column("source").to_pylist(), lengths, dropped):
+                counts.on_read(source, length)
+                if drop:
+                    counts.on_rejected(source, drop[0], length)
+                else:
+                    counts.on_kept(source, length)
+            rejected = batch.filter(mask)
+            reasons = [d for d in dropped if d is not None]
+            quarantine = pa.table({"id": rejected.column("id"), "source": rejected.column("source"),
+                                   "reason": pa.array([r for r, _ in reasons], pa.string()),
+                                   "detail": pa.array([d for _, d in reasons], pa.string()),
+                                   "text": pc.utf8_slice_codeunits(rejected.column("text"), 0, QUARANTINE_TEXT_LIMIT),
+                                   "meta": rejected.column("meta")}, schema=QUARANTINE_SCHEMA)
+            writer.write_tables(pa.Table.from_batches([batch.filter(pc.invert(mask))], RECORD_SCHEMA), quarantine)
+            row += len(ids)
+    assert row == len(expected_ids), f"{source_path}: row count changed since phase 1"
+    return counts
+
+
+def _drops_by_shard(sk: dict[str, np.ndarray], dup: Duplicates, n_shards: int) -> list[dict[int, tuple[str, str]]]:
+    drops: list[dict[int, tuple[str, str]]] = [{} for _ in range(n_shards)]
+    for i in np.flatnonzero(dup.dropped):
+        detail = json.dumps({"kept": str(sk["ids"][dup.kept[i]]), "jaccard": round(float(dup.jaccard[i]), 4),
+                             "cluster": int(dup.cluster[i])})
+        drops[int(sk["shard"][i])][int(sk["row"][i])] = (EXACT if dup.exact[i] else NEAR, detail)
+    return drops
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+def _fingerprint(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def code_hash() -> str:
+    digest = hashlib.sha256()
+    for name in CODE_FILES:
+        digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _prune_sketches(sketch_dir: Path, wanted: set[str]) -> None:
+    clean_stale_temps(sketch_dir)
+    for part in sketch_dir.glob("part-*.npz"):
+        if part.name not in wanted:
+            part.unlink()
+            marker_path(part).unlink(missing_ok=True)
+
+
+def run(cfg: DedupConfig, ctx) -> dict[str, float]:
+    start = time.perf_counter()
+    inputs = sorted(ctx.path(INPUT_DIR).glob("part-*.parquet"))
+    if not inputs:
+        raise ValueError(f"no input shards {INPUT_DIR}/part-*.parquet under {ctx.root}: run the clean stage first "
+                         "(llmpipe stage clean, or dvc repro clean)")
+    out_dir, sketch_dir = ctx.path(OUTPUT_DIR), ctx.path(OUTPUT_DIR) / "sketches"
+    input_hashes = [sha256_file(p) for p in inputs]
+    hasher = cfg.hasher()
+    code = code_hash()
+    sketch_params = {"code": code, "num_perm": cfg.num_perm, "shingle_size": cfg.shingle_size, "seed": cfg.seed}
+
+    # Phase 1. A sketch task writes one file, so it is both the task's output and its "quarantine".
+    sketch_tasks = []
+    for i, (path, digest) in enumerate(zip(inputs, input_hashes)):
+        sketch = sketch_dir / f"part-{i:05d}.npz"
+        sketch_tasks.append(ShardTask(i, (path,), sketch, sketch, _fingerprint({**sketch_params, "input": digest, "shard": i})))
+    _prune_sketches(sketch_dir, {t.output.name for t in sketch_tasks})
+    sketched = run_shards(sketch_tasks, functools.partial(_sketch_shard, hasher=hasher, batch_chars=cfg.batch_chars),
+                        workers=ctx.workers, stage="dedup: sketch")
+
+    # Phase 2.
+    sk = load_sketches([t.output for t in sketch_tasks])
+    dup = find_duplicates(sk, cfg, ctx.log)
+    drops = _drops_by_shard(sk, dup, len(inputs))
+    clusters = clusters_table(sk, dup)
+    write_parquet_atomic(out_dir / "clusters.parquet", clusters)
+
+    # Phase 3: every output shard depends on every input (a duplicate may sit in any shard).
+    global_fp = {"params": params_hash(cfg), "inputs": input_hashes, "code": code}
+    write_tasks = []
+    for i, path in enumerate(inputs):
+        output, quarantine = shard_paths(out_dir, i)
+        ids = sk["ids"][sk["shard"] == i]
+        write_tasks.append(ShardTask(i, (path, ids, drops[i]), output, quarantine, _fingerprint({**global_fp, "shard": i})))
+    prune_stale(out_dir, write_tasks)
+    counts = run_shards(write_tasks, _write_shard, workers=ctx.workers, stage="dedup: write")
+    counts.check("dedup")
+    elapsed = time.perf_counter() - start
+
+    n_exact, n_near = int(dup.exact.sum()), int((dup.dropped & ~dup.exact).sum())
+    assert counts.reasons()[EXACT] == n_exact and counts.reasons()[NEAR] == n_near
+    input_mb = sketched.stats["input_bytes"] / 1e6
+    metrics = counts.metrics()
+    metrics.update({"clusters": float(clusters.num_rows), "exact_duplicates": float(n_exact),
+                    "near_duplicates": float(n_near), "candidate_pairs": float(dup.candidate_pairs),
+                    "verified_pairs": float(dup.verified_pairs), "input_mb": input_mb, "mb_per_s": input_mb / elapsed,
+                    "sketch_mb_per_s_per_worker": input_mb / max(sketched.stats["sketch_seconds"], 1e-9)})
+    report = write_report("dedup", counts, out_dir, extra=_report_section(cfg, sk, dup, clusters, metrics, elapsed))
+    for artifact in (report, out_dir / "lengths.png", out_dir / "reject_reasons.png", out_dir / "clusters.parquet"):
+        ctx.tracker.log_artifact(artifact, "dedup_report")
+    ctx.log.info("dedup: %d records -> %d kept, %d exact and %d near duplicates in %d clusters (%.1f MB at %.1f MB/s)",
+                 len(sk["ids"]), metrics["records_kept"], n_exact, n_near, clusters.num_rows, input_mb,
+                 metrics["mb_per_s"])
+    return metrics
+
+
+def _report_section(cfg: DedupConfig, sk: dict[str, np.ndarray], dup: Duplicates, clusters: pa.Table,
+                    metrics: dict[str, float], elapsed: float) -> str:
+    n = len(sk["ids"])
+    sig_mb = sk["sig"].nbytes / 1e6
+    near = dup.dropped & ~dup.exact
+    lines = ["## Deduplication", "",
+             f"Settings: word {cfg.shingle_size}-gram shingles, {cfg.num_perm} permutations, "
+             f"{cfg.bands} bands × {cfg.rows} rows, Jaccard threshold {cfg.threshold}. "
+             f"Kept member: longest text, then smallest id.", "",
+             f"- records: {n:,}; exact duplicates dropped: {int(dup.exact.sum()):,}; "
+             f"near duplicates dropped: {int(near.sum()):,}; clusters: {clusters.num_rows:,}",
+             f"- LSH candidate pairs: {dup.candidate_pairs:,}; verified at the threshold: {dup.verified_pairs:,}",
+             f"- global index memory (the only part that grows with the corpus): signatures "
+             f"{sig_mb:,.1f} MB ({cfg.num_perm * 4} bytes per record) plus one band's keys and candidates",
+             f"- throughput: {metrics['input_mb']:.1f} MB in {elapsed:.1f} s = {metrics['mb_per_s']:.1f} MB/s wall clock "
+             f"(this run; sketches reused from an earlier run count as free); sketching "
+             f"{metrics['sketch_mb_per_s_per_worker']:.1f} MB/s per worker"]
+    if near.any():
+        q = np.quantile(dup.jaccard[near], [0, 0.5, 1])
+        lines.append(f"- estimated Jaccard of near duplicates to their kept member: min {q[0]:.2f}, "
+                     f"median {q[1]:.2f}, max {q[2]:.2f}")
+    if clusters.num_rows:
+        cross = sum(len(s) > 1 for s in clusters.column("sources").to_pylist())
+        lines += [f"- clusters spanning more than one source: {cross:,}", "",
+                  "Largest clusters (all in `clusters.parquet`):", "",
+                  "| cluster | size | exact | near | kept id | sources |", "|---:|---:|---:|---:|---|---|"]
+        top = clusters.sort_by([("size", "descending"), ("cluster", "ascending")]).slice(0, 10).to_pylist()
+        lines += [f"| {c['cluster']} | {c['size']} | {c['exact_duplicates']} | {c['near_duplicates']} | "
+                  f"`{c['kept_id']}` | {', '.join(c['sources'])} |" for c in top]
+    return "\n".join(lines)
