@@ -33,6 +33,8 @@ def normalize_text(text: str) -> str:
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
         text = _UNICODE_SPACE.sub(" ", text)
+    if "\r" in text:  # Windows/old-Mac line ends: common, and str.replace is far faster than the regex
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     if _SPECIAL.search(text):
         text = _CONTROL.sub("", _LINE_BREAKS.sub("\n", text))
     if "\t" in text:

@@ -47,7 +47,7 @@ class WordListScorer:
         self.words = frozenset(w.strip().lower().encode() for w in lines if w.strip() and not w.startswith("#"))
 
     def score(self, text: str) -> float:
-        words = text.encode().translate(_WORD_BYTES).split()
+        words = text.encode("utf-8", "surrogatepass").translate(_WORD_BYTES).split()
         found = self.words.intersection(words)  # C-speed; nearly always empty
         if not found:
             return 0.0
