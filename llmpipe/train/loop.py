@@ -230,8 +230,8 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         start = self.resume()
         if self.world.is_main:
-            _truncate_jsonl(self.out_dir / "metrics.jsonl", start)
-            _truncate_jsonl(self.out_dir / "samples.jsonl", start)
+            truncate_jsonl(self.out_dir / "metrics.jsonl", start)
+            truncate_jsonl(self.out_dir / "samples.jsonl", start)
         bar = _progress(self.cfg.max_steps, start) if self.world.is_main else None
         previous_handler = self._catch_sigterm()
         train_time, evaluated_at = 0.0, None
@@ -329,7 +329,7 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
+def truncate_jsonl(path: Path, step: int) -> None:
     """Drop records after `step`: a resumed run logs those steps again."""
     if not path.exists():
         return

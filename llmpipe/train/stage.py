@@ -1,0 +1,224 @@
+"""The `pretrain` stage: data/tokens + models/tokenizer -> models/pretrain.
+
+The only module of llmpipe.train that imports pydantic and MLflow. It resolves params.yaml into a
+plain JSON file (`models/pretrain/resolved_config.json`) and trains in this process, or, with
+nproc_per_node > 1, launches `torchrun ... -m llmpipe.train.pretrain --config <that file>` and
+forwards rank 0's metrics log to the tracker while it runs. Rerunning after a crash resumes from
+the newest checkpoint (models/pretrain is `persist: true` in dvc.yaml).
+
+Outputs: models/pretrain/{checkpoints/step-XXXXXX, final, metrics.jsonl, samples.jsonl, samples.txt},
+plots/pretrain_loss.csv (step, train_loss, val_loss, lr).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llmpipe.config import StageConfig
+from llmpipe.io import read_json, write_json_atomic, write_text_atomic
+from llmpipe.model import ModelConfig
+from llmpipe.stages import StageContext
+from llmpipe.train import checkpoint as ckpt
+from llmpipe.train.loop import TrainConfig, truncate_jsonl
+
+TOKENS, TOKENIZER, OUT, PLOT = "data/tokens", "models/tokenizer", "models/pretrain", "plots/pretrain_loss.csv"
+
+
+class PretrainConfig(StageConfig):
+    """The `pretrain` section of params.yaml."""
+
+    # model: a preset, optionally with some of its sizes overridden
+    preset: Literal["tiny", "draft", "gpt2-124m", "350m", "1b"] = Field("tiny", description="model size preset")
+    n_layer: int | None = Field(None, ge=1, description="override the preset's depth")
+    d_model: int | None = Field(None, ge=64, description="override the preset's width (heads follow at 64 wide)")
+    n_head: int | None = Field(None, ge=1)
+    n_kv_head: int | None = Field(None, ge=1)
+    mlp_hidden: int | None = Field(None, ge=1)
+    qk_norm: bool | None = None
+    attn_backend: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"
+    # batch and length of training
+    seq_len: int = Field(256, ge=8, description="context length trained on (the model's max_seq_len)")
+    micro_batch: int = Field(8, ge=1, description="sequences per forward pass per process")
+    global_batch_tokens: int = Field(2048, ge=1, description="tokens per optimizer step, all processes together")
+    max_steps: int = Field(200, ge=1, description="optimizer steps (or give train_tokens instead)")
+    train_tokens: int | None = Field(None, ge=1, description="token budget: max_steps = ceil(train_tokens / global batch)")
+    # optimizer and schedule
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    # eval, checkpoints, logging
+    eval_every: int = Field(50, ge=1, description="steps between val loss / bpb / sample")
+    eval_batches: int = Field(4, ge=1, description="micro-batches in the fixed val set")
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (best-by-val needs a multiple of eval_every)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept besides the best by val loss")
+    log_every: int = Field(1, ge=1)
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = Field(64, ge=0, description="tokens sampled at each eval (0: none)")
+    # hardware
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU that has it, else fp32")
+    compile: bool = Field(False, description="torch.compile the model (GPU; minutes of warm-up)")
+    distributed: Literal["none", "ddp", "fsdp2"] = "none"
+    nproc_per_node: int = Field(1, ge=1, description="> 1 launches torchrun with this many processes (one per GPU)")
+    seed: int = 1337
+    log_model: bool = Field(True, description="log final/ (weights) to MLflow as artifacts")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PretrainConfig":
+        if {"max_steps", "train_tokens"} <= self.model_fields_set:
+            raise ValueError("set max_steps or train_tokens, not both")
+        if self.nproc_per_node > 1 and self.distributed == "none":
+            raise ValueError("nproc_per_node > 1 needs distributed: ddp or fsdp2")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds the run's {self.steps} steps")
+        return self
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.train_tokens / self.global_batch_tokens) if self.train_tokens else self.max_steps
+
+
+def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
+    """params.yaml's section -> the plain JSON the training entry point reads (no pydantic there)."""
+    meta_path = root / TOKENS / "train" / "meta.json"
+    if not meta_path.exists():
+        raise ValueError(f"{meta_path} not found: run the tokenizer stage first")
+    meta = read_json(meta_path)
+    tok_file = root / TOKENIZER / "tokenizer.json"
+    if tok_file.exists() and read_json(tok_file).get("hash") != meta["tokenizer_hash"]:
+        raise ValueError(f"{tok_file} and {meta_path} disagree on the tokenizer hash: rerun the tokenizer stage")
+    sizes = {k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")}
+    model = ModelConfig.from_preset(cfg.preset, meta["vocab_size"], max_seq_len=cfg.seq_len,
+                                    attn_backend=cfg.attn_backend, **sizes)
+    fields = set(TrainConfig.__dataclass_fields__)
+    train = {k: v for k, v in cfg.model_dump().items() if k in fields}
+    train["max_steps"] = cfg.steps
+    TrainConfig(**train).accum_steps(cfg.nproc_per_node)  # a batch that does not divide fails here, early
+    return {"root": str(root.resolve()), "train_dir": f"{TOKENS}/train", "val_dir": f"{TOKENS}/val",
+            "tokenizer_dir": TOKENIZER, "out_dir": OUT, "device": cfg.device, "model": model.to_dict(),
+            "train": train, "sample_prompt": cfg.sample_prompt}
+
+
+def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
+    from llmpipe.train.pretrain import train
+
+    resolved = resolve(cfg, ctx.root)
+    out = ctx.path(OUT)
+    config_file = out / "resolved_config.json"
+    write_json_atomic(config_file, resolved)
+    ctx.tracker.log_params({f"resolved.model.{k}": v for k, v in resolved["model"].items()}
+                           | {"resolved.max_steps": cfg.steps, "resolved.params": ModelConfig.from_dict(resolved["model"]).num_params()})
+    monitor = _system_metrics(ctx)
+    try:
+        if cfg.nproc_per_node > 1:
+            metrics = _torchrun(cfg, ctx, config_file)
+        else:
+            metrics = train(resolved, ctx.tracker)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+    write_text_atomic(ctx.path(PLOT), loss_csv(out / "metrics.jsonl"))
+    samples = out / "samples.txt"
+    write_text_atomic(samples, samples_text(out / "samples.jsonl"))
+    ctx.tracker.log_artifact(samples)
+    ctx.tracker.log_artifact(config_file)
+    if cfg.log_model:
+        ctx.tracker.log_artifact(out / "final", artifact_path="final")
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _torchrun(cfg: PretrainConfig, ctx: StageContext, config_file: Path) -> dict[str, float]:
+    """Train under torchrun on this node; forward rank 0's metrics log to the tracker as it grows."""
+    out = config_file.parent
+    result = out / "result.json"
+    result.unlink(missing_ok=True)
+    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    start = ckpt.read_meta(latest)["step"] if latest else 0
+    log_file = out / "metrics.jsonl"
+    truncate_jsonl(log_file, start)  # what the trainer does on resume; then only new lines appear
+    offset = log_file.stat().st_size if log_file.exists() else 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc_per_node}",
+           "-m", "llmpipe.train.pretrain", "--config", str(config_file), "--result", str(result)]
+    ctx.log.info("launching %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, cwd=ctx.root)
+    try:
+        while proc.poll() is None:
+            time.sleep(1)
+            offset = _forward(log_file, offset, ctx)
+    except BaseException:  # SIGTERM/Ctrl-C of the stage: let the ranks checkpoint, then go
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    _forward(log_file, offset, ctx)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited with status {proc.returncode}; the ranks' errors are above")
+    return read_json(result)
+
+
+def _forward(log_file: Path, offset: int, ctx: StageContext) -> int:
+    """Send complete lines after `offset` to the tracker; returns the new offset."""
+    if not log_file.exists():
+        return offset
+    with open(log_file, "rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    for line in complete.decode("utf-8").splitlines():
+        record = json.loads(line)
+        ctx.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    return offset + len(complete)
+
+
+def _system_metrics(ctx: StageContext) -> Any:
+    """CPU/GPU/memory/disk/network sampled into the stage's MLflow run (psutil; pynvml when present)."""
+    if not ctx.tracker.run_id:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(ctx.tracker.run_id, sampling_interval=10)  # MLFLOW_SYSTEM_METRICS_* env vars override
+    monitor.start()
+    return monitor
+
+
+def loss_csv(metrics_log: Path) -> str:
+    """metrics.jsonl -> step,train_loss,val_loss,lr (val_loss empty between evals)."""
+    rows: dict[int, dict[str, Any]] = {}
+    if metrics_log.exists():
+        for line in metrics_log.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            row = rows.setdefault(record["step"], {"step": record["step"]})
+            for key, name in (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("train/lr", "lr")):
+                if key in record:
+                    row[name] = record[key]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "train_loss", "val_loss", "lr"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows[s] for s in sorted(rows))
+    return buf.getvalue()
+
+
+def samples_text(samples_log: Path) -> str:
+    if not samples_log.exists():
+        return ""
+    records = [json.loads(line) for line in samples_log.read_text(encoding="utf-8").splitlines()]
+    return "".join(f"=== step {r['step']} ===\n{r['text']}\n\n" for r in records)

@@ -1,0 +1,96 @@
+"""`run_stage("pretrain", root)` end to end on synthetic token shards in a throwaway project."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmpipe.config import ConfigError
+from llmpipe.stages import load_config, run_stage
+from llmpipe.train import checkpoint as ckpt
+from tests.train.synthetic import write_tokens
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = {"n_layer": 2, "d_model": 128, "seq_len": 64, "micro_batch": 4, "global_batch_tokens": 512, "max_steps": 6,
+         "warmup_steps": 2, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3, "sample_tokens": 0,
+         "device": "cpu"}
+
+
+def project(tmp_path: Path, **overrides) -> Path:
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pretrain": {**SMALL, **overrides}}))
+    write_tokens(tmp_path)
+    (tmp_path / "models" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "models" / "tokenizer" / "tokenizer.json").write_text(json.dumps({"hash": "synthetic-tok"}))
+    return tmp_path
+
+
+def mlflow_run(root: Path):
+    from llmpipe.tracking import configure_mlflow
+
+    mlflow = configure_mlflow(root)
+    runs = mlflow.search_runs(filter_string="tags.stage = 'pretrain'", order_by=["start_time DESC"], output_format="list")
+    return mlflow, runs[0]
+
+
+@pytest.mark.slow
+def test_pretrain_stage_trains_checkpoints_plots_and_tracks(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPIPE_TRACKING", "on")
+    root = project(tmp_path)
+    metrics = run_stage("pretrain", root)
+    assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 512
+    assert metrics["val_loss"] < 5.6 and metrics["val_bpb"] > 0 and metrics["params"] > 0
+    assert json.loads((root / "metrics/pretrain.json").read_text()) == metrics
+    model, cfg, meta = ckpt.load_checkpoint(root / "models/pretrain")  # final/
+    assert meta["path"].endswith("final") and cfg.n_layer == 2 and meta["tokenizer"]["hash"] == "synthetic-tok"
+    assert [p.name for p in ckpt.list_checkpoints(root / "models/pretrain/checkpoints")] == ["step-000003", "step-000006"]
+    rows = list(csv.DictReader((root / "plots/pretrain_loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert rows[2]["val_loss"] and not rows[1]["val_loss"] and float(rows[0]["lr"]) > 0
+    mlflow, run = mlflow_run(root)
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
+    assert run.data.params["preset"] == "tiny" and run.data.params["resolved.model.n_layer"] == "2"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"final", "samples.txt", "resolved_config.json"} <= artifacts
+    assert "final/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "final")}
+
+
+@pytest.mark.slow
+def test_a_rerun_with_more_steps_resumes_under_torchrun_and_forwards_rank0_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPIPE_TRACKING", "on")
+    root = project(tmp_path, max_steps=4, checkpoint_every=2, eval_every=2)
+    assert run_stage("pretrain", root)["steps"] == 4  # in-process
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["pretrain"].update(max_steps=6, distributed="ddp", nproc_per_node=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    metrics = run_stage("pretrain", root)  # torchrun, 2 gloo ranks, continuing from step 4
+    assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 512
+    mlflow, run = mlflow_run(root)  # the newest run
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [5, 6]
+    lines = (root / "models/pretrain/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
+
+
+def test_config_errors_name_the_key(tmp_path):
+    root = project(tmp_path, nproc_per_node=2)
+    with pytest.raises(ConfigError, match="nproc_per_node > 1 needs distributed"):
+        load_config("pretrain", root)
+    (root / "params.yaml").write_text(yaml.safe_dump({"pretrain": {**SMALL, "max_steps": 5, "train_tokens": 100}}))
+    with pytest.raises(ConfigError, match="max_steps or train_tokens, not both"):
+        load_config("pretrain", root)
+    (root / "params.yaml").write_text(yaml.safe_dump({"pretrain": {"schedule": "linear"}}))
+    with pytest.raises(ConfigError, match="pretrain.schedule"):
+        load_config("pretrain", root)
+
+
+def test_a_batch_that_does_not_divide_fails_before_training(tmp_path):
+    root = project(tmp_path, global_batch_tokens=500)
+    from llmpipe.train.stage import resolve
+
+    with pytest.raises(ValueError, match="global_batch_tokens \\(500\\) must be a multiple"):
+        resolve(load_config("pretrain", root), root)
