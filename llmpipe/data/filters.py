@@ -2,9 +2,10 @@
 
 Words are whitespace-separated tokens (punctuation attached), lines are non-blank lines, paragraphs
 are separated by a blank line. The filters expect normalized text (`normalize.normalize_text`: single
-spaces, stripped lines, single blank lines), which is what the clean pipeline gives them. Each check has its own reject reason (`quality.<check>`) and a detail
-with the measured value, so a threshold can be tuned from the quarantine alone. Every measurement is
-a str method or one precompiled regex over the text: no per-character Python loops.
+spaces, stripped lines, single blank lines), which is what the clean pipeline gives them. Each check
+has its own reject reason (`quality.<check>`) and a detail with the measured value, so a threshold
+can be tuned from the quarantine alone. Every measurement is a str method or one precompiled regex
+over the text: no per-character Python loops.
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ class GopherQuality:
         c, text = self.cfg, record.text
         self.stats["checked"] += 1
         # Normalized text: words are separated by exactly one " ", "\n" or "\n\n" (str.count is C-speed).
-        separators = text.count(" ") + text.count("\n") - text.count("\n\n")
+        newlines, blank_lines = text.count("\n"), text.count("\n\n")
+        separators = text.count(" ") + newlines - blank_lines
         n = separators + 1 if text else 0
         if n < c.min_words:
             return Reject("quality.too_few_words", f"{n} words < min_words {c.min_words}")
         if n > c.max_words:
             return Reject("quality.too_many_words", f"{n} words > max_words {c.max_words}")
-        mean_len = (len(text) - separators - text.count("\n\n")) / n
+        mean_len = (len(text) - separators - blank_lines) / n
         if mean_len < c.min_mean_word_length:
             return Reject("quality.short_words", f"mean word length {mean_len:.2f} < {c.min_mean_word_length}")
         if mean_len > c.max_mean_word_length:
@@ -94,7 +96,7 @@ class GopherQuality:
                     break
             if stops < c.min_stop_words:
                 return Reject("quality.few_stop_words", f"{stops} stop words < min_stop_words {c.min_stop_words}")
-        lines = text.count("\n") + 1 - text.count("\n\n")  # normalized text: blank lines are single "\n\n"
+        lines = newlines + 1 - blank_lines
         ellipsis = len(_ELLIPSIS_LINE.findall(text)) / lines if "..." in text or "\u2026" in text else 0.0
         if ellipsis > c.max_ellipsis_lines_fraction:
             return Reject("quality.ellipsis_lines", f"{ellipsis:.3f} of lines end in ... > {c.max_ellipsis_lines_fraction}")
