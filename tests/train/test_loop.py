@@ -93,6 +93,26 @@ def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path)
     assert [r["step"] for r in lines if "train/loss" in r] == list(range(1, 13))  # step 9's partial log dropped
 
 
+def test_each_eval_logs_a_sample_that_is_reproducible_and_leaves_the_rng_alone(tmp_path):
+    from llmpipe.train.loop import Sampler
+
+    def with_sampler(out):
+        trainer = small_trainer(out, max_steps=4, eval_every=2, sample_tokens=8)
+        trainer.sampler = Sampler([5, 6, 7], lambda ids: "-".join(map(str, ids)), eos_id=None)
+        return trainer
+
+    torch.manual_seed(123)
+    with_sampler(tmp_path / "a").fit()
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    with_sampler(tmp_path / "b").fit()
+    assert torch.equal(torch.rand(1), after)  # sampling used a forked RNG
+    samples = [json.loads(x) for x in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2, 4]
+    assert all(s["text"].startswith("5-6-7-") and len(s["text"].split("-")) == 11 for s in samples)
+    assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+
+
 def test_global_batch_that_does_not_divide_is_a_clear_error():
     with pytest.raises(ValueError, match=r"multiple of micro_batch x seq_len x world_size = 4 x 32 x 2 = 256"):
         TrainConfig(seq_len=32, micro_batch=4, global_batch_tokens=384).accum_steps(2)

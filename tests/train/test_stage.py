@@ -94,3 +94,14 @@ def test_a_batch_that_does_not_divide_fails_before_training(tmp_path):
 
     with pytest.raises(ValueError, match="global_batch_tokens \\(500\\) must be a multiple"):
         resolve(load_config("pretrain", root), root)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("pretrain-*.yaml")), ids=lambda p: p.name)
+def test_shipped_gpu_configs_validate_and_their_batch_divides(path):
+    from llmpipe.config import load_section
+    from llmpipe.train.loop import TrainConfig
+    from llmpipe.train.stage import PretrainConfig
+
+    cfg = load_section(PretrainConfig, yaml.safe_load(path.read_text()), "pretrain", path)
+    TrainConfig(seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
+                global_batch_tokens=cfg.global_batch_tokens).accum_steps(cfg.nproc_per_node)
