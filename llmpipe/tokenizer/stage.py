@@ -97,7 +97,8 @@ class TrainingSample:
 
 def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
     model_dir, tokens_dir = ctx.path(MODEL_DIR), ctx.path(TOKENS_DIR)
-    for leftover in [*model_dir.parent.glob(f".tmp-{model_dir.name}-*"), *tokens_dir.parent.glob(f".tmp-{tokens_dir.name}-*")]:
+    for leftover in [*model_dir.parent.glob(f".tmp-{model_dir.name}-*"),
+                     *tokens_dir.parent.glob(f".tmp-{tokens_dir.name}-*")]:
         shutil.rmtree(leftover, ignore_errors=True)  # a killed run's temp dirs
     files = encode.input_files(ctx.path(INPUT))
     if not files:
@@ -105,63 +106,45 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
     source_hash = encode.source_hash(files)
     sample = TrainingSample(files, cfg.val_ratio, cfg.train_max_chars)
     _check_corpus(cfg, sample)
-    metrics: dict[str, float] = {}
 
     # 1. Train, or reuse the finished tokenizer of an interrupted run with the same fingerprint.
-    options = train.trainer_options(cfg.vocab_size, cfg.character_coverage, num_threads=0)
-    del options["num_threads"], options["minloglevel"]
-    fingerprint = _fingerprint(cfg, options, source_hash)
-    reused = _reusable(model_dir, fingerprint)
-    metrics["tokenizer_reused"] = float(reused)
-    if reused:
-        ctx.log.info("reusing %s: trained with the same settings on the same input", model_dir)
-        metrics["train_time_s"] = 0.0
-    else:
-        started = time.perf_counter()
-        model = train.train_sentencepiece(sample, cfg.vocab_size, cfg.character_coverage, ctx.workers, sample)
-        metrics["train_time_s"] = time.perf_counter() - started
-        ctx.log.info("trained %d pieces on %s in %.1f s", cfg.vocab_size, sample, metrics["train_time_s"])
-        with atomic_path(model_dir) as tmp:
-            tmp.mkdir()
-            (tmp / MODEL_FILE).write_bytes(model)
-            write_json_atomic(tmp / META_FILE, _tokenizer_meta(cfg, options, sample, source_hash, fingerprint,
-                                                               sha256_file(tmp / MODEL_FILE)))
+    metrics = _train_or_reuse(cfg, ctx, sample, source_hash, model_dir)
     tok = Tokenizer.load(model_dir)
     info = read_json(model_dir / META_FILE)
-    metrics.update(train_sample_documents=info["training_data"]["documents"],
-                   train_sample_chars=info["training_data"]["characters"])
 
     # 2. The yardstick: a Hugging Face byte-level BPE of equal vocabulary on the same sample.
-    reference = None
+    reference, ref_seconds, ref_val_tokens = None, [0.0], [0]
     if cfg.reference:
         started = time.perf_counter()
         reference = train.train_reference_bpe(iter(sample), cfg.vocab_size)
         metrics["ref_train_time_s"] = time.perf_counter() - started
         assert sample.hash == info["training_data_hash"], "the sample differs between two passes"
 
+    def count_reference(texts: list[str]) -> None:
+        started = time.perf_counter()
+        ref_val_tokens[0] += train.count_reference_tokens(reference, texts)
+        ref_seconds[0] += time.perf_counter() - started
+
     # 3. Encode every document into train/val shards (round trip checked on val).
     started = time.perf_counter()
-    ref_val_tokens = [0]
-
-    def count_reference(texts: list[str]) -> None:
-        ref_val_tokens[0] += train.count_reference_tokens(reference, texts)
-
     with atomic_path(tokens_dir) as tmp:
         tmp.mkdir()
         stats = encode.encode_corpus(tok, files, tmp, cfg.val_ratio, cfg.shard_tokens, ctx.workers,
                                      meta={"source_hash": source_hash},
                                      val_hook=count_reference if reference is not None else None)
-    encode_time = time.perf_counter() - started
+    encode_seconds = time.perf_counter() - started - ref_seconds[0]
     for path in [model_dir / MODEL_FILE, model_dir / META_FILE, tokens_dir / "train" / "meta.json",
                  tokens_dir / "val" / "meta.json"]:
         ctx.tracker.log_artifact(path, artifact_path=path.parent.relative_to(ctx.root).as_posix())
 
-    # 4. Metrics.
+    # 4. Quality metrics.
     train_st, val_st = stats["train"], stats["val"]
     val_content = val_st.tokens - val_st.documents  # eos tokens excluded: compare like with like
     train_content = train_st.tokens - train_st.documents
     metrics.update(
         vocab_size=tok.vocab_size,
+        train_sample_documents=info["training_data"]["documents"],
+        train_sample_chars=info["training_data"]["characters"],
         train_documents=train_st.documents, val_documents=val_st.documents,
         train_tokens=train_st.tokens, val_tokens=val_st.tokens,
         train_bytes=train_st.bytes, val_bytes=val_st.bytes,
@@ -171,8 +154,8 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
         byte_fallback_rate_val=val_st.byte_tokens / max(val_content, 1),
         byte_fallback_rate_train=train_st.byte_tokens / max(train_content, 1),
         roundtrip_checked_documents=val_st.roundtrip_checked, roundtrip_failures=0,
-        encode_time_s=encode_time,
-        encode_mb_per_s=(train_st.bytes + val_st.bytes) / 1e6 / max(encode_time, 1e-9),
+        encode_time_s=encode_seconds,  # reading, encoding, writing and the val round trip
+        encode_mb_per_s=(train_st.bytes + val_st.bytes) / 1e6 / max(encode_seconds, 1e-9),
     )
     if reference is not None:
         metrics["ref_bytes_per_token_val"] = val_st.bytes / max(ref_val_tokens[0], 1)
@@ -181,6 +164,27 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
                  metrics["bytes_per_token_val"], metrics.get("ref_bytes_per_token_val", float("nan")),
                  metrics["byte_fallback_rate_val"], metrics["vocab_utilization_val"])
     return metrics
+
+
+def _train_or_reuse(cfg: TokenizerConfig, ctx: StageContext, sample: TrainingSample, source_hash: str,
+                    model_dir: Path) -> dict[str, float]:
+    """Write models/tokenizer/ (temp dir, then rename) unless a finished one has our fingerprint."""
+    options = train.trainer_options(cfg.vocab_size, cfg.character_coverage, num_threads=0)
+    del options["num_threads"], options["minloglevel"]  # how, not what: not part of the result
+    fingerprint = _fingerprint(cfg, options, source_hash)
+    if _reusable(model_dir, fingerprint):
+        ctx.log.info("reusing %s: trained with the same settings on the same input", model_dir)
+        return {"tokenizer_reused": 1.0, "train_time_s": 0.0}
+    started = time.perf_counter()
+    model = train.train_sentencepiece(sample, cfg.vocab_size, cfg.character_coverage, ctx.workers, sample)
+    seconds = time.perf_counter() - started
+    ctx.log.info("trained %d pieces on %s in %.1f s", cfg.vocab_size, sample, seconds)
+    with atomic_path(model_dir) as tmp:
+        tmp.mkdir()
+        (tmp / MODEL_FILE).write_bytes(model)
+        write_json_atomic(tmp / META_FILE, _tokenizer_meta(cfg, options, sample, source_hash, fingerprint,
+                                                           sha256_file(tmp / MODEL_FILE)))
+    return {"tokenizer_reused": 0.0, "train_time_s": seconds}
 
 
 def _check_corpus(cfg: TokenizerConfig, sample: TrainingSample) -> None:
