@@ -44,7 +44,8 @@ from llmpipe.data import minhash
 from llmpipe.data.accounting import QUARANTINE_SCHEMA, QUARANTINE_TEXT_LIMIT, RECORD_SCHEMA, Counts, Record, ShardWriter
 from llmpipe.data.report import write_report
 from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
-from llmpipe.io import atomic_path, clean_stale_temps, iter_parquet_batches, marker_path, sha256_file, write_parquet_atomic
+from llmpipe.io import (atomic_path, clean_stale_temps, done_info, iter_parquet_batches, marker_path, sha256_file,
+                        write_parquet_atomic)
 
 INPUT_DIR, OUTPUT_DIR = "data/clean", "data/dedup"
 # Code whose change must redo finished shards (DVC reruns the stage; the fingerprints make it redo them).
@@ -83,15 +84,15 @@ SKETCH_FIELDS = ("ids", "sources", "lengths", "meta_hash", "exact", "sig", "none
 def sketch_columns(batches, hasher: minhash.MinHasher, batch_chars: int = 1 << 18, shard: int = 0) -> dict[str, np.ndarray]:
     """Everything phase 2 needs about some records, from (ids, sources, texts, metas) column batches
     (metas: the JSON strings of the record schema): exact hashes, signatures, ranking keys and
-    (shard, row) positions."""
+    (shard, row) positions. Ids and sources are kept as UTF-8 bytes (numpy "S": 1 byte a character)."""
     ids, sources, lengths, meta_hash, parts = [], [], [], [], []
     pending: list[str] = []
     size = 0
     for batch_ids, batch_sources, texts, metas in batches:
-        ids += batch_ids
-        sources += batch_sources
+        ids += [_utf8(i) for i in batch_ids]
+        sources += [_utf8(s) for s in batch_sources]
         lengths += map(len, texts)
-        meta_hash += [xxhash.xxh3_64_intdigest((m or "").encode("utf-8", "surrogatepass")) for m in metas]
+        meta_hash += [xxhash.xxh3_64_intdigest(_utf8(m or "")) for m in metas]
         for text in texts:  # hash in batches of ~batch_chars: big enough for numpy, small enough for the cache
             pending.append(text)
             size += len(text)
@@ -101,7 +102,7 @@ def sketch_columns(batches, hasher: minhash.MinHasher, batch_chars: int = 1 << 1
     if pending or not parts:
         parts.append(hasher.sketch(pending))
     exact, nonempty, sig = (np.concatenate(column) for column in zip(*parts))
-    return {"ids": np.array(ids, dtype=str), "sources": np.array(sources, dtype=str),
+    return {"ids": np.array(ids, dtype="S"), "sources": np.array(sources, dtype="S"),
             "lengths": np.array(lengths, dtype=np.int64), "meta_hash": np.array(meta_hash, dtype=np.uint64),
             "exact": exact.reshape(-1, 2), "sig": sig.reshape(-1, hasher.num_perm), "nonempty": nonempty,
             "shard": np.full(len(ids), shard, dtype=np.int64), "row": np.arange(len(ids), dtype=np.int64)}
@@ -112,6 +113,14 @@ def sketch_records(records: list[Record], hasher: minhash.MinHasher, batch_chars
     metas = [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r in records]  # as ShardWriter stores them
     columns = ([r.id for r in records], [r.source for r in records], [r.text for r in records], metas)
     return sketch_columns([columns], hasher, batch_chars)
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
 
 
 def _read_columns(path: Path, stats: Counter, rows: int = 512):
@@ -127,18 +136,29 @@ def _sketch_shard(task: ShardTask, hasher: minhash.MinHasher, batch_chars: int) 
     arrays = sketch_columns(_read_columns(source_path, counts.stats), hasher, batch_chars, shard=task.index)
     with atomic_path(task.output) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    counts.stats["sketch_seconds"] = time.perf_counter() - start
+    counts.stats.update(records=len(arrays["ids"]), sketch_seconds=time.perf_counter() - start)
     return counts
 
 
-def load_sketches(paths: list[Path]) -> dict[str, np.ndarray]:
-    """Concatenate shard sketches (in shard order)."""
-    parts = []
+def load_sketches(paths: list[Path], sizes: list[int]) -> dict[str, np.ndarray]:
+    """Shard sketches concatenated in shard order, filled into preallocated arrays (no 2x peak)."""
+    total, offsets = sum(sizes), np.cumsum([0, *sizes])
+    widths: dict[str, int] = {}  # ids and sources are fixed-width bytes: the widest shard decides
+    for path in paths:
+        with np.load(path) as npz:
+            for name in ("ids", "sources"):
+                widths[name] = max(widths.get(name, 1), npz[name].dtype.itemsize)
+    out: dict[str, np.ndarray] = {}
     for shard, path in enumerate(paths):
         with np.load(path) as npz:
-            parts.append({name: npz[name] for name in SKETCH_FIELDS})
-        assert np.all(parts[-1]["shard"] == shard), f"{path} was sketched as another shard"
-    return {name: np.concatenate([p[name] for p in parts]) for name in SKETCH_FIELDS}
+            for name in SKETCH_FIELDS:
+                part = npz[name]
+                assert len(part) == sizes[shard], f"{path}: {len(part)} records, its marker says {sizes[shard]}"
+                if name not in out:
+                    dtype = f"S{widths[name]}" if name in widths else part.dtype
+                    out[name] = np.empty((total, *part.shape[1:]), dtype=dtype)
+                out[name][offsets[shard]:offsets[shard + 1]] = part
+    return out
 
 
 # -- phase 2: global duplicate finding ------------------------------------------------------------
@@ -149,10 +169,10 @@ class Duplicates:
 
     kept: np.ndarray  # (N,) int64: index of the record kept in its place (itself when kept)
     exact: np.ndarray  # (N,) bool: dropped as an exact duplicate of `kept`
-    jaccard: np.ndarray  # (N,) float: estimated Jaccard to `kept` (1.0 for exact duplicates)
+    jaccard: np.ndarray  # (N,) float: estimated Jaccard to `kept` (1.0 for exact duplicates and kept records)
     cluster: np.ndarray  # (N,) int64: cluster id, -1 for records without duplicates
-    candidate_pairs: int = 0
-    verified_pairs: int = 0
+    candidate_pairs: int = 0  # LSH candidates summed over bands
+    verified_pairs: int = 0  # distinct pairs at or above the threshold
 
     @property
     def dropped(self) -> np.ndarray:
@@ -160,57 +180,60 @@ class Duplicates:
 
 
 def rank_records(sk: dict[str, np.ndarray]) -> np.ndarray:
-    """rank[i] = position of record i in keep-preference order (0 = kept first)."""
+    """rank[i] = position of record i in keep-preference order (0 = kept first): longest text, then
+    smallest id, source and meta hash; then (shard, row) only for records identical in all of those."""
     order = np.lexsort((sk["row"], sk["shard"], sk["meta_hash"], sk["sources"], sk["ids"], -sk["lengths"]))
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     return rank
 
 
+def _best_of_groups(group: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """For each element, the element of its group (equal `group` labels, 1-D or rows) with the lowest rank."""
+    keys = (rank, *(group.T[::-1] if group.ndim > 1 else [group]))
+    order = np.lexsort(keys)
+    first = minhash.first_of_runs(group[order])
+    best = np.empty(len(order), dtype=np.int64)
+    best[order] = order[np.flatnonzero(first)[np.cumsum(first) - 1]]
+    return best
+
+
 def find_duplicates(sk: dict[str, np.ndarray], cfg: DedupConfig, log=None) -> Duplicates:
     """Phase 2: exact groups, then LSH candidates verified at `cfg.threshold`, joined by union-find."""
     n = len(sk["ids"])
+    everyone = np.arange(n)
     rank = rank_records(sk)
-    # Exact groups: sort by (hash, rank); the first of each run of equal hashes represents it.
-    order = np.lexsort((rank, sk["exact"][:, 1], sk["exact"][:, 0]))
-    ex = sk["exact"][order]
-    new_group = np.concatenate([[True], (ex[1:] != ex[:-1]).any(axis=1)])
-    exact_rep = np.empty(n, dtype=np.int64)
-    exact_rep[order] = order[np.flatnonzero(new_group)[np.cumsum(new_group) - 1]]
+    exact_rep = _best_of_groups(sk["exact"], rank)  # the best record with the same normalized text
 
-    # Near duplicates among the representatives that have shingles.
-    reps = np.flatnonzero((exact_rep == np.arange(n)) & sk["nonempty"])
-    sig = sk["sig"][reps]
-    keys = minhash.band_keys(sig, cfg.bands, cfg.rows)  # (bands, R)
-    edges, n_candidates = [], 0
-    for band in keys:
-        pairs = minhash.candidate_pairs(band[None, :])
+    # Near duplicates among exact-group representatives that have shingles, one LSH band at a time.
+    reps = np.flatnonzero((exact_rep == everyone) & sk["nonempty"])
+    edges, n_candidates = [np.zeros((0, 2), dtype=np.int64)], 0
+    for band in range(cfg.bands):
+        pairs = reps[minhash.bucket_pairs(minhash.band_key(sk["sig"], band, cfg.rows, subset=reps))]
         n_candidates += len(pairs)
-        edges.append(minhash.verified_pairs(sig, pairs, cfg.threshold)[0])
-    edges = np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), np.int64)
-    component = minhash.connected_components(len(reps), edges)  # (R,) smallest member index
-    # The kept member of each component is its best-ranked member.
-    by_comp = np.lexsort((rank[reps], component))
-    first = np.concatenate([[True], component[by_comp][1:] != component[by_comp][:-1]])
-    comp_kept = np.empty(len(reps), dtype=np.int64)
-    comp_kept[by_comp] = reps[by_comp][np.flatnonzero(first)[np.cumsum(first) - 1]]
-    near_kept = np.arange(n)
-    near_kept[reps] = comp_kept
+        edges.append(minhash.verified_pairs(sk["sig"], pairs, cfg.threshold)[0])
+    edges = np.unique(np.concatenate(edges), axis=0)  # (E, 2) global indices
+    position = np.full(n, -1)
+    position[reps] = np.arange(len(reps))
+    component = minhash.connected_components(len(reps), position[edges])  # (R,)
+    near_rep = everyone.copy()
+    near_rep[reps] = reps[_best_of_groups(component, rank[reps])]
 
-    kept = near_kept[exact_rep]
-    exact = (sk["exact"] == sk["exact"][kept]).all(axis=1) & (kept != np.arange(n))
-    near = np.flatnonzero(~exact & (kept != np.arange(n)))
+    kept = near_rep[exact_rep]
+    dropped = kept != everyone
+    exact = dropped & (sk["exact"] == sk["exact"][kept]).all(axis=1)
+    near = np.flatnonzero(dropped & ~exact)
     jaccard = np.ones(n)
     jaccard[near] = minhash.estimated_jaccard(sk["sig"][near], sk["sig"][kept[near]])
-    # Cluster ids: clusters (kept records with at least one duplicate) in order of their kept id.
-    heads = np.unique(kept[kept != np.arange(n)])
+    # Cluster ids: kept records with at least one duplicate, numbered in the order of their ids.
+    heads = np.unique(kept[dropped])
     heads = heads[np.argsort(sk["ids"][heads], kind="stable")]
-    cluster_of_head = np.full(n, -1, dtype=np.int64)
-    cluster_of_head[heads] = np.arange(len(heads))
+    cluster_of = np.full(n, -1, dtype=np.int64)
+    cluster_of[heads] = np.arange(len(heads))
     if log:
-        log.info("dedup: %d records, %d exact groups, %d LSH candidate pairs, %d verified, %d clusters",
-                 n, int(new_group.sum()), n_candidates, len(edges), len(heads))
-    return Duplicates(kept=kept, exact=exact, jaccard=jaccard, cluster=cluster_of_head[kept],
+        log.info("dedup: %d records, %d distinct normalized texts, %d LSH candidate pairs, %d verified, %d clusters",
+                 n, int((exact_rep == everyone).sum()), n_candidates, len(edges), len(heads))
+    return Duplicates(kept=kept, exact=exact, jaccard=jaccard, cluster=cluster_of[kept],
                       candidate_pairs=n_candidates, verified_pairs=len(edges))
 
 
@@ -220,25 +243,25 @@ def clusters_table(sk: dict[str, np.ndarray], dup: Duplicates) -> pa.Table:
     rank = rank_records(sk)
     members = np.flatnonzero(dup.cluster >= 0)
     members = members[np.lexsort((rank[members], dup.cluster[members]))]
-    cuts = np.flatnonzero(np.diff(dup.cluster[members])) + 1
-    rows = {name: [] for name in ("cluster", "kept_id", "size", "exact_duplicates", "near_duplicates",
-                                  "sources", "member_ids", "member_sources", "member_jaccard")}
-    for group in np.split(members, cuts) if len(members) else []:
-        dropped = group[1:]
+    rows: dict[str, list] = {name: [] for name in CLUSTER_SCHEMA.names}
+    for group in np.split(members, np.flatnonzero(np.diff(dup.cluster[members])) + 1) if len(members) else []:
+        ids, sources = [_text(i) for i in sk["ids"][group].tolist()], [_text(s) for s in sk["sources"][group].tolist()]
         rows["cluster"].append(int(dup.cluster[group[0]]))
-        rows["kept_id"].append(str(sk["ids"][group[0]]))
+        rows["kept_id"].append(ids[0])
         rows["size"].append(len(group))
-        rows["exact_duplicates"].append(int(dup.exact[dropped].sum()))
-        rows["near_duplicates"].append(int((~dup.exact[dropped]).sum()))
-        rows["sources"].append(sorted(set(sk["sources"][group].tolist())))
-        rows["member_ids"].append(sk["ids"][group].tolist())
-        rows["member_sources"].append(sk["sources"][group].tolist())
-        rows["member_jaccard"].append([round(float(j), 4) for j in dup.jaccard[group]])
-    schema = pa.schema([("cluster", pa.int64()), ("kept_id", pa.string()), ("size", pa.int64()),
-                        ("exact_duplicates", pa.int64()), ("near_duplicates", pa.int64()),
-                        ("sources", pa.list_(pa.string())), ("member_ids", pa.list_(pa.string())),
-                        ("member_sources", pa.list_(pa.string())), ("member_jaccard", pa.list_(pa.float64()))])
-    return pa.table(rows, schema=schema)
+        rows["exact_duplicates"].append(int(dup.exact[group[1:]].sum()))
+        rows["near_duplicates"].append(len(group) - 1 - rows["exact_duplicates"][-1])
+        rows["sources"].append(sorted(set(sources)))
+        rows["member_ids"].append(ids)
+        rows["member_sources"].append(sources)
+        rows["member_jaccard"].append([round(j, 4) for j in dup.jaccard[group].tolist()])
+    return pa.Table.from_pydict(rows, schema=CLUSTER_SCHEMA)  # (pa.table would import pandas)
+
+
+CLUSTER_SCHEMA = pa.schema([("cluster", pa.int64()), ("kept_id", pa.string()), ("size", pa.int64()),
+                            ("exact_duplicates", pa.int64()), ("near_duplicates", pa.int64()),
+                            ("sources", pa.list_(pa.string())), ("member_ids", pa.list_(pa.string())),
+                            ("member_sources", pa.list_(pa.string())), ("member_jaccard", pa.list_(pa.float64()))])
 
 
 # -- phase 3: write kept records and quarantine ---------------------------------------------------
@@ -250,34 +273,35 @@ def _write_shard(task: ShardTask) -> Counts:
     row = 0
     with ShardWriter(task.output, task.quarantine) as writer:
         for batch in iter_parquet_batches(source_path, batch_size=4096, columns=list(RECORD_SCHEMA.names)):
-            ids = batch.column("id").to_pylist()
-            assert ids == expected_ids[row:row + len(ids)].tolist(), f"{source_path} changed since phase 1"
-            dropped = [drops.get(r) for r in range(row, row + len(ids))]
-            mask = pa.array([d is not None for d in dropped])
+            n = batch.num_rows
+            ids = np.array([_utf8(i) for i in batch.column("id").to_pylist()], dtype="S")
+            assert np.array_equal(ids, expected_ids[row:row + n]), f"{source_path} changed since phase 1"
+            verdicts = [drops.get(r) for r in range(row, row + n)]
             lengths = pc.utf8_length(batch.column("text")).to_pylist()
-            for source, length, drop in zip(batch.column("source").to_pylist(), lengths, dropped):
+            for source, length, verdict in zip(batch.column("source").to_pylist(), lengths, verdicts):
                 counts.on_read(source, length)
-                if drop:
-                    counts.on_rejected(source, drop[0], length)
+                if verdict:
+                    counts.on_rejected(source, verdict[0], length)
                 else:
                     counts.on_kept(source, length)
-            rejected = batch.filter(mask)
-            reasons = [d for d in dropped if d is not None]
-            quarantine = pa.table({"id": rejected.column("id"), "source": rejected.column("source"),
+            mask = pa.array([v is not None for v in verdicts])
+            rejected, reasons = batch.filter(mask), [v for v in verdicts if v]
+            quarantine = pa.Table.from_pydict({"id": rejected.column("id"), "source": rejected.column("source"),
                                    "reason": pa.array([r for r, _ in reasons], pa.string()),
                                    "detail": pa.array([d for _, d in reasons], pa.string()),
                                    "text": pc.utf8_slice_codeunits(rejected.column("text"), 0, QUARANTINE_TEXT_LIMIT),
                                    "meta": rejected.column("meta")}, schema=QUARANTINE_SCHEMA)
             writer.write_tables(pa.Table.from_batches([batch.filter(pc.invert(mask))], RECORD_SCHEMA), quarantine)
-            row += len(ids)
+            row += n
     assert row == len(expected_ids), f"{source_path}: row count changed since phase 1"
     return counts
 
 
 def _drops_by_shard(sk: dict[str, np.ndarray], dup: Duplicates, n_shards: int) -> list[dict[int, tuple[str, str]]]:
+    """shard -> row -> (reason, detail JSON naming the kept record, the estimated Jaccard and the cluster)."""
     drops: list[dict[int, tuple[str, str]]] = [{} for _ in range(n_shards)]
-    for i in np.flatnonzero(dup.dropped):
-        detail = json.dumps({"kept": str(sk["ids"][dup.kept[i]]), "jaccard": round(float(dup.jaccard[i]), 4),
+    for i in np.flatnonzero(dup.dropped).tolist():
+        detail = json.dumps({"kept": _text(sk["ids"][dup.kept[i]]), "jaccard": round(float(dup.jaccard[i]), 4),
                              "cluster": int(dup.cluster[i])})
         drops[int(sk["shard"][i])][int(sk["row"][i])] = (EXACT if dup.exact[i] else NEAR, detail)
     return drops
@@ -326,7 +350,8 @@ def run(cfg: DedupConfig, ctx) -> dict[str, float]:
                         workers=ctx.workers, stage="dedup: sketch")
 
     # Phase 2.
-    sk = load_sketches([t.output for t in sketch_tasks])
+    sizes = [int(done_info(t.output)["counts"]["stats"]["records"]) for t in sketch_tasks]
+    sk = load_sketches([t.output for t in sketch_tasks], sizes)
     dup = find_duplicates(sk, cfg, ctx.log)
     drops = _drops_by_shard(sk, dup, len(inputs))
     clusters = clusters_table(sk, dup)

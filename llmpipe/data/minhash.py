@@ -203,48 +203,50 @@ def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
     return (sig_a == sig_b).mean(axis=-1)
 
 
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """(n, P) uint32 -> (bands, n) uint64: one hash per band of `rows` consecutive slots."""
-    assert sig.shape[1] == bands * rows, "bands * rows must equal num_perm"
-    keys = np.empty((bands, len(sig)), dtype=U64)
-    for j in range(bands):
-        h = np.full(len(sig), j, dtype=U64)
-        for k in range(j * rows, (j + 1) * rows):
-            h = fmix64(h ^ sig[:, k].astype(U64))
-        keys[j] = h
-    return keys
+def band_key(sig: np.ndarray, band: int, rows: int, subset: np.ndarray | None = None) -> np.ndarray:
+    """Hash of signature slots [band * rows, (band + 1) * rows) of each row of `sig` (or of the rows
+    `subset`): (n,) uint64. Two texts share an LSH bucket in this band iff their keys are equal
+    (up to 2^-64 collisions, which verification removes)."""
+    rows_idx = slice(None) if subset is None else subset
+    h = np.full(len(sig) if subset is None else len(subset), band, dtype=U64)
+    for k in range(band * rows, (band + 1) * rows):
+        h = fmix64(h ^ sig[rows_idx, k].astype(U64))
+    return h
 
 
-def candidate_pairs(keys: np.ndarray, max_all_pairs: int = 64) -> np.ndarray:
-    """Pairs (i, j), i < j, sharing a bucket in at least one band: (n_pairs, 2) int64, unique, sorted.
+def bucket_pairs(keys: np.ndarray, max_all_pairs: int = 64) -> np.ndarray:
+    """Pairs (i, j), i < j, with equal keys (one LSH band): (n_pairs, 2) int64, unique.
 
-    A bucket of m <= max_all_pairs members yields all m(m-1)/2 pairs; a larger one (thousands of
-    near-identical boilerplate texts) yields each member paired with the bucket's first and with its
-    neighbour, O(m) instead of O(m^2), which union-find still joins into one cluster.
+    Buckets come from sorting the keys, not from a dict. A bucket of m <= max_all_pairs members
+    yields all m(m-1)/2 pairs; a larger one (thousands of near-identical boilerplate texts) yields
+    each member paired with the bucket's first and with its neighbour, O(m) instead of O(m^2),
+    which union-find still joins into one cluster.
     """
-    n = keys.shape[1]
-    found = []
-    for band in keys:
-        order = np.argsort(band, kind="stable")
-        sorted_keys = band[order]
-        starts = np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
-        sizes = np.diff(np.append(starts, n))
-        for m in np.unique(sizes[sizes > 1]):
-            run_starts = starts[sizes == m]  # (R,) buckets with m members
-            if m <= max_all_pairs:
-                ii, jj = np.triu_indices(m, 1)
-                left, right = run_starts[:, None] + ii, run_starts[:, None] + jj  # (R, m(m-1)/2)
-            else:
-                member = run_starts[:, None] + np.arange(1, m)
-                left = np.concatenate([np.broadcast_to(run_starts[:, None], member.shape), member[:, :-1]], axis=1)
-                right = np.concatenate([member, member[:, 1:]], axis=1)
-            found.append(np.stack([order[left.ravel()], order[right.ravel()]], axis=1))
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.concatenate(found).astype(np.int64)
-    pairs.sort(axis=1)
-    codes = np.unique(pairs[:, 0] * n + pairs[:, 1])
-    return np.stack([codes // n, codes % n], axis=1)
+    n = len(keys)
+    order = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(first_of_runs(keys[order]))
+    sizes = np.diff(np.append(starts, n))
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for m in np.unique(sizes[sizes > 1]).tolist():
+        run_starts = starts[sizes == m][:, None]  # (R, 1): buckets with m members
+        if m <= max_all_pairs:
+            ii, jj = np.triu_indices(m, 1)
+            left, right = run_starts + ii, run_starts + jj  # (R, m(m-1)/2)
+        else:
+            member = run_starts + np.arange(1, m)  # (R, m-1)
+            left = np.concatenate([np.broadcast_to(run_starts, member.shape), member[:, :-1]], axis=1)
+            right = np.concatenate([member, member[:, 1:]], axis=1)
+        found.append(np.stack([order[left.ravel()], order[right.ravel()]], axis=1))
+    pairs = np.sort(np.concatenate(found), axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def first_of_runs(sorted_values: np.ndarray) -> np.ndarray:
+    """(n,) bool: True where a run of equal values (rows, for 2-D) starts in a sorted array."""
+    first = np.ones(len(sorted_values), dtype=bool)
+    diff = sorted_values[1:] != sorted_values[:-1]
+    first[1:] = diff.any(axis=1) if diff.ndim > 1 else diff
+    return first
 
 
 def verified_pairs(sig: np.ndarray, pairs: np.ndarray, threshold: float, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:

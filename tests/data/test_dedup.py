@@ -180,3 +180,21 @@ def test_stage_runs_through_the_registry_in_a_project(tmp_path, monkeypatch, cor
 def test_missing_input_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="run the clean stage first"):
         run_dedup(tmp_path, monkeypatch)
+
+
+def test_empty_shards_and_texts_without_words(tmp_path, monkeypatch):
+    clean = tmp_path / "data" / "clean"
+    write_records(clean / "part-00000.parquet", [])
+    write_records(clean / "part-00001.parquet", [rec("?!"), rec("..."), rec("!!! ???")])
+    metrics = run_dedup(tmp_path, monkeypatch)
+    kept, quarantined = outputs(tmp_path)
+    assert [r["text"] for r in kept] == ["!!! ???"]  # punctuation only: all the same empty normalized text
+    assert metrics["exact_duplicates"] == 2 and metrics["near_duplicates"] == 0 and metrics["records_read"] == 3
+    assert (tmp_path / "data" / "dedup" / "part-00000.parquet").exists()
+
+
+def test_an_empty_corpus_is_deduplicated_to_nothing(tmp_path, monkeypatch):
+    write_records(tmp_path / "data" / "clean" / "part-00000.parquet", [])
+    metrics = run_dedup(tmp_path, monkeypatch)
+    assert metrics["records_read"] == metrics["clusters"] == 0
+    assert outputs(tmp_path) == ([], [])

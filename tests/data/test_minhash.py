@@ -85,18 +85,22 @@ def test_estimate_agrees_with_datasketch_on_the_same_shingles():
     assert np.max(np.abs(diffs)) < 0.25  # two independent estimates, each with sd ~0.04
 
 
-def test_identical_signatures_share_buckets_and_large_buckets_stay_linear():
+def test_equal_band_slices_share_buckets_and_large_buckets_stay_linear():
     rng = np.random.default_rng(0)
     sig = rng.integers(0, 2**32, size=(300, 8), dtype=np.uint64).astype(np.uint32)
-    sig[10] = sig[3]
+    sig[10, 2:4] = sig[3, 2:4]  # equal in band 1 only
     sig[200:300] = sig[100]  # a bucket of 101 members: star + chain pairs, not 5050
-    pairs = minhash.candidate_pairs(minhash.band_keys(sig, bands=4, rows=2), max_all_pairs=64)
-    assert [3, 10] in pairs.tolist()
+    keys = [minhash.band_key(sig, band, rows=2) for band in range(4)]
+    assert [3, 10] in minhash.bucket_pairs(keys[1]).tolist()
+    assert [3, 10] not in minhash.bucket_pairs(keys[0]).tolist()
+    pairs = minhash.bucket_pairs(keys[0], max_all_pairs=64)
     assert np.all(pairs[:, 0] < pairs[:, 1]) and len(np.unique(pairs, axis=0)) == len(pairs)
-    big = pairs[np.isin(pairs[:, 0], [100, *range(200, 300)])]
-    assert len(big) < 2 * 101
-    labels = minhash.connected_components(300, big)
+    assert set(pairs.ravel().tolist()) == {100, *range(200, 300)} and len(pairs) < 2 * 101
+    labels = minhash.connected_components(300, pairs)
     assert set(labels[[100, *range(200, 300)]].tolist()) == {100}
+    assert len(minhash.bucket_pairs(keys[0], max_all_pairs=200)) == 101 * 100 // 2
+    subset = np.array([3, 10, 50])
+    assert np.array_equal(minhash.band_key(sig, 1, 2, subset=subset), keys[1][subset])
 
 
 def test_verification_keeps_pairs_at_or_above_threshold():
