@@ -125,7 +125,9 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
         ref_val_tokens[0] += train.count_reference_tokens(reference, texts)
         ref_seconds[0] += time.perf_counter() - started
 
-    # 3. Encode every document into train/val shards (round trip checked on val).
+    # 3. Encode every document into train/val shards (round trip checked on val). Shards made by
+    # another tokenizer go first: if encoding fails, no mismatched pair is left at the final paths.
+    _remove_tokens_of_other_tokenizers(tokens_dir, tok.hash, ctx)
     started = time.perf_counter()
     with atomic_path(tokens_dir) as tmp:
         tmp.mkdir()
@@ -185,6 +187,14 @@ def _train_or_reuse(cfg: TokenizerConfig, ctx: StageContext, sample: TrainingSam
         write_json_atomic(tmp / META_FILE, _tokenizer_meta(cfg, options, sample, source_hash, fingerprint,
                                                            sha256_file(tmp / MODEL_FILE)))
     return {"tokenizer_reused": 0.0, "train_time_s": seconds}
+
+
+def _remove_tokens_of_other_tokenizers(tokens_dir: Path, tokenizer_hash: str, ctx: StageContext) -> None:
+    metas = [tokens_dir / split / "meta.json" for split in encode.SPLITS]
+    if tokens_dir.exists() and any(not m.exists() or read_json(m).get("tokenizer_hash") != tokenizer_hash
+                                   for m in metas):
+        ctx.log.info("removing %s: made by another tokenizer", tokens_dir)
+        shutil.rmtree(tokens_dir)
 
 
 def _check_corpus(cfg: TokenizerConfig, sample: TrainingSample) -> None:

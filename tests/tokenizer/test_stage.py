@@ -146,11 +146,16 @@ def test_missing_input_points_at_the_dedup_stage(tmp_path, docs):
         run_stage("tokenizer", root)
 
 
-def test_round_trip_failure_names_the_document_and_writes_no_tokens(tmp_path, docs, monkeypatch):
+def test_round_trip_failure_names_the_document_and_leaves_no_tokens(tmp_path, docs, monkeypatch):
     root = make_project(tmp_path, docs)
+    run_stage("tokenizer", root)  # a good run first: its tokens must not outlive its tokenizer
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tokenizer"]["vocab_size"] = 500
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     original = Tokenizer.decode_batch
     monkeypatch.setattr(Tokenizer, "decode_batch", lambda self, batch, num_threads=None:
                         [t.replace("e", "E", 1) for t in original(self, batch, num_threads)])
     with pytest.raises(RoundTripError, match=r"document '[0-9a-f]{32}' at character \d+"):
         run_stage("tokenizer", root)
+    assert Tokenizer.load(root / "models" / "tokenizer").vocab_size == 500
     assert not (root / "data" / "tokens").exists() and not list(root.rglob(".tmp-*"))
