@@ -79,6 +79,9 @@ class Tokenizer:
                                  "it was not trained by llmpipe (re-run the tokenizer stage)")
         # Literal "▁": its UTF-8 bytes as byte-fallback pieces (see module docstring).
         self._space_symbol_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode("utf-8")]
+        if not all(self.sp.is_byte(i) for i in self._space_symbol_ids):
+            raise ValueError(f"{model_file} has no byte-fallback pieces, so some text cannot be encoded exactly; "
+                             "it was not trained by llmpipe (re-run the tokenizer stage)")
         # The segment split is exact only if no piece has a space after a non-space; check the vocab.
         pieces = (self.sp.id_to_piece(i) for i in range(self.vocab_size))
         self._can_split = not any(SPACE_SYMBOL in p.lstrip(SPACE_SYMBOL) for p in pieces)

@@ -102,3 +102,12 @@ def test_hash_is_sha256_of_model_and_load_checks_it(tokenizer_dir, tmp_path):
         Tokenizer.load(tmp_path)
     with pytest.raises(ValueError, match="run the tokenizer stage"):
         Tokenizer.load(tmp_path / "missing")
+
+
+def test_a_model_without_our_special_tokens_is_refused(tmp_path, corpus):
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "plain"),
+                                   vocab_size=300, minloglevel=2)
+    with pytest.raises(ValueError, match="special token '<\\|bos\\|>' is missing"):
+        Tokenizer(tmp_path / "plain.model")
