@@ -17,6 +17,7 @@ MFU uses the PaLM count 6N + 12·L·H·Q·T (llmpipe/model/flops.py) for each mo
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import time
 
@@ -136,11 +137,15 @@ def measure(name: str, model: nn.Module, fpt: float, args, device: torch.device,
                    peak_gib=torch.cuda.max_memory_allocated(device) / GiB if cuda else float("nan"))
     except torch.cuda.OutOfMemoryError:
         row["name"] += " (out of memory)"
-    finally:
-        model.to("cpu")
-        if cuda:
-            torch.cuda.empty_cache()
     return row
+
+
+def release(device: torch.device) -> None:
+    """Free what one measurement left behind (compiled graphs, optimizer state) before the next."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -175,8 +180,8 @@ def main() -> None:
     rows = [measure("reference (nanoGPT GPT-2)", reference, reference_flops_per_token(reference, cfg, args.seq_len),
                     args, device, peak)]
     del reference
-    ours = GPT(cfg)
-    rows.append(measure("llmpipe GPT", ours, flops_per_token(cfg, args.seq_len), args, device, peak))
+    release(device)
+    rows.append(measure("llmpipe GPT", GPT(cfg), flops_per_token(cfg, args.seq_len), args, device, peak))
 
     print(f"{'model':<28}{'params':>10}{'tokens/s':>12}{'step ms':>10}{'MFU':>8}{'peak GiB':>10}{'loss':>8}")
     for r in rows:
