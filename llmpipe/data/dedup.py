@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +48,9 @@ from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
 from llmpipe.io import (atomic_path, clean_stale_temps, done_info, iter_parquet_batches, marker_path, sha256_file,
                         write_parquet_atomic)
 
+if TYPE_CHECKING:
+    from llmpipe.stages import StageContext
+
 INPUT_DIR, OUTPUT_DIR = "data/clean", "data/dedup"
 # Code whose change must redo finished shards (DVC reruns the stage; the fingerprints make it redo them).
 CODE_FILES = ("dedup.py", "minhash.py")
@@ -60,7 +64,8 @@ class DedupConfig(StageConfig):
     num_perm: int = Field(126, ge=2, le=1024, description="MinHash permutations (signature length)")
     bands: int = Field(42, ge=1, description="LSH bands; bands * rows must equal num_perm")
     rows: int = Field(3, ge=1, description="signature slots per LSH band")
-    threshold: float = Field(0.45, gt=0, le=1, description="estimated Jaccard at or above which two texts are near duplicates")
+    threshold: float = Field(0.45, gt=0, le=1,
+                             description="estimated Jaccard at or above which two texts are near duplicates")
     seed: int = Field(0, ge=0, description="seed of the MinHash permutations")
     batch_chars: int = Field(1 << 18, ge=1 << 10, description="characters hashed per numpy batch in phase 1")
 
@@ -81,7 +86,8 @@ class DedupConfig(StageConfig):
 SKETCH_FIELDS = ("ids", "sources", "lengths", "meta_hash", "exact", "sig", "nonempty", "shard", "row")
 
 
-def sketch_columns(batches, hasher: minhash.MinHasher, batch_chars: int = 1 << 18, shard: int = 0) -> dict[str, np.ndarray]:
+def sketch_columns(batches, hasher: minhash.MinHasher, batch_chars: int = 1 << 18,
+                   shard: int = 0) -> dict[str, np.ndarray]:
     """Everything phase 2 needs about some records, from (ids, sources, texts, metas) column batches
     (metas: the JSON strings of the record schema): exact hashes, signatures, ranking keys and
     (shard, row) positions. Ids and sources are kept as UTF-8 bytes (numpy "S": 1 byte a character)."""
@@ -108,7 +114,8 @@ def sketch_columns(batches, hasher: minhash.MinHasher, batch_chars: int = 1 << 1
             "shard": np.full(len(ids), shard, dtype=np.int64), "row": np.arange(len(ids), dtype=np.int64)}
 
 
-def sketch_records(records: list[Record], hasher: minhash.MinHasher, batch_chars: int = 1 << 18) -> dict[str, np.ndarray]:
+def sketch_records(records: list[Record], hasher: minhash.MinHasher,
+                   batch_chars: int = 1 << 18) -> dict[str, np.ndarray]:
     """`sketch_columns` of in-memory records (as if they were one shard)."""
     metas = [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r in records]  # as ShardWriter stores them
     columns = ([r.id for r in records], [r.source for r in records], [r.text for r in records], metas)
@@ -209,7 +216,8 @@ def find_duplicates(sk: dict[str, np.ndarray], cfg: DedupConfig, log=None) -> Du
     reps = np.flatnonzero((exact_rep == everyone) & sk["nonempty"])
     edges, n_candidates = [np.zeros((0, 2), dtype=np.int64)], 0
     for band in range(cfg.bands):
-        pairs = reps[minhash.bucket_pairs(minhash.band_key(sk["sig"], band, cfg.rows, subset=reps))]
+        keys = minhash.band_key(sk["sig"], band, cfg.rows, subset=reps)
+        pairs = reps[minhash.bucket_pairs(keys, tiebreak=rank[reps])]  # rank: big buckets pair up by content
         n_candidates += len(pairs)
         edges.append(minhash.verified_pairs(sk["sig"], pairs, cfg.threshold)[0])
     edges = np.unique(np.concatenate(edges), axis=0)  # (E, 2) global indices
@@ -291,7 +299,8 @@ def _write_shard(task: ShardTask) -> Counts:
                                    "detail": pa.array([d for _, d in reasons], pa.string()),
                                    "text": pc.utf8_slice_codeunits(rejected.column("text"), 0, QUARANTINE_TEXT_LIMIT),
                                    "meta": rejected.column("meta")}, schema=QUARANTINE_SCHEMA)
-            writer.write_tables(pa.Table.from_batches([batch.filter(pc.invert(mask))], RECORD_SCHEMA), quarantine)
+            kept = pa.Table.from_arrays(batch.filter(pc.invert(mask)).columns, schema=RECORD_SCHEMA)
+            writer.write_tables(kept, quarantine)
             row += n
     assert row == len(expected_ids), f"{source_path}: row count changed since phase 1"
     return counts
@@ -328,7 +337,7 @@ def _prune_sketches(sketch_dir: Path, wanted: set[str]) -> None:
             marker_path(part).unlink(missing_ok=True)
 
 
-def run(cfg: DedupConfig, ctx) -> dict[str, float]:
+def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     start = time.perf_counter()
     inputs = sorted(ctx.path(INPUT_DIR).glob("part-*.parquet"))
     if not inputs:
@@ -344,10 +353,11 @@ def run(cfg: DedupConfig, ctx) -> dict[str, float]:
     sketch_tasks = []
     for i, (path, digest) in enumerate(zip(inputs, input_hashes)):
         sketch = sketch_dir / f"part-{i:05d}.npz"
-        sketch_tasks.append(ShardTask(i, (path,), sketch, sketch, _fingerprint({**sketch_params, "input": digest, "shard": i})))
+        fingerprint = _fingerprint({**sketch_params, "input": digest, "shard": i})
+        sketch_tasks.append(ShardTask(i, (path,), sketch, sketch, fingerprint))
     _prune_sketches(sketch_dir, {t.output.name for t in sketch_tasks})
     sketched = run_shards(sketch_tasks, functools.partial(_sketch_shard, hasher=hasher, batch_chars=cfg.batch_chars),
-                        workers=ctx.workers, stage="dedup: sketch")
+                          workers=ctx.workers, stage="dedup: sketch")
 
     # Phase 2.
     sizes = [int(done_info(t.output)["counts"]["stats"]["records"]) for t in sketch_tasks]
@@ -362,8 +372,9 @@ def run(cfg: DedupConfig, ctx) -> dict[str, float]:
     write_tasks = []
     for i, path in enumerate(inputs):
         output, quarantine = shard_paths(out_dir, i)
-        ids = sk["ids"][sk["shard"] == i]
-        write_tasks.append(ShardTask(i, (path, ids, drops[i]), output, quarantine, _fingerprint({**global_fp, "shard": i})))
+        ids = sk["ids"][sum(sizes[:i]):sum(sizes[:i + 1])]  # to check that the input did not change since phase 1
+        fingerprint = _fingerprint({**global_fp, "shard": i})
+        write_tasks.append(ShardTask(i, (path, ids, drops[i]), output, quarantine, fingerprint))
     prune_stale(out_dir, write_tasks)
     counts = run_shards(write_tasks, _write_shard, workers=ctx.workers, stage="dedup: write")
     counts.check("dedup")
@@ -400,7 +411,8 @@ def _report_section(cfg: DedupConfig, sk: dict[str, np.ndarray], dup: Duplicates
              f"- LSH candidate pairs: {dup.candidate_pairs:,}; verified at the threshold: {dup.verified_pairs:,}",
              f"- global index memory (the only part that grows with the corpus): signatures "
              f"{sig_mb:,.1f} MB ({cfg.num_perm * 4} bytes per record) plus one band's keys and candidates",
-             f"- throughput: {metrics['input_mb']:.1f} MB in {elapsed:.1f} s = {metrics['mb_per_s']:.1f} MB/s wall clock "
+             f"- throughput: {metrics['input_mb']:.1f} MB in {elapsed:.1f} s = {metrics['mb_per_s']:.1f} MB/s "
+             f"wall clock "
              f"(this run; sketches reused from an earlier run count as free); sketching "
              f"{metrics['sketch_mb_per_s_per_worker']:.1f} MB/s per worker"]
     if near.any():

@@ -159,7 +159,8 @@ def make_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]
     return a, b
 
 
-def signatures_from_hashes(x: np.ndarray, text_of: np.ndarray, n_texts: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def signatures_from_hashes(x: np.ndarray, text_of: np.ndarray, n_texts: int, a: np.ndarray,
+                           b: np.ndarray) -> np.ndarray:
     """MinHash signatures (n_texts, num_perm) uint32 from shingle hashes grouped by text."""
     num_perm = len(a)
     sig = np.full((num_perm, n_texts), EMPTY, dtype=np.uint32)  # (P, T): min along the contiguous axis
@@ -192,7 +193,8 @@ class MinHasher:
         signatures (T, num_perm) uint32, all EMPTY for a text without words)."""
         buf, bounds = normalized_buffer(texts)
         x, text_of = shingle_hashes(buf, len(texts), self.shingle_size)
-        return exact_hashes(buf, bounds), np.diff(bounds) > 1, signatures_from_hashes(x, text_of, len(texts), *self._perm)
+        sig = signatures_from_hashes(x, text_of, len(texts), *self._perm)
+        return exact_hashes(buf, bounds), np.diff(bounds) > 1, sig
 
     def signatures(self, texts: list[str]) -> np.ndarray:
         return self.sketch(texts)[2]
@@ -214,16 +216,16 @@ def band_key(sig: np.ndarray, band: int, rows: int, subset: np.ndarray | None = 
     return h
 
 
-def bucket_pairs(keys: np.ndarray, max_all_pairs: int = 64) -> np.ndarray:
+def bucket_pairs(keys: np.ndarray, tiebreak: np.ndarray | None = None, max_all_pairs: int = 64) -> np.ndarray:
     """Pairs (i, j), i < j, with equal keys (one LSH band): (n_pairs, 2) int64, unique.
 
     Buckets come from sorting the keys, not from a dict. A bucket of m <= max_all_pairs members
     yields all m(m-1)/2 pairs; a larger one (thousands of near-identical boilerplate texts) yields
-    each member paired with the bucket's first and with its neighbour, O(m) instead of O(m^2),
-    which union-find still joins into one cluster.
+    each member paired with the bucket's first and with its neighbour in `tiebreak` order (default:
+    index order), O(m) instead of O(m^2), which union-find still joins into one cluster.
     """
     n = len(keys)
-    order = np.argsort(keys, kind="stable")
+    order = np.lexsort((np.arange(n) if tiebreak is None else tiebreak, keys))
     starts = np.flatnonzero(first_of_runs(keys[order]))
     sizes = np.diff(np.append(starts, n))
     found = [np.zeros((0, 2), dtype=np.int64)]
@@ -249,7 +251,8 @@ def first_of_runs(sorted_values: np.ndarray) -> np.ndarray:
     return first
 
 
-def verified_pairs(sig: np.ndarray, pairs: np.ndarray, threshold: float, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def verified_pairs(sig: np.ndarray, pairs: np.ndarray, threshold: float,
+                   chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Keep the candidate pairs whose estimated Jaccard reaches `threshold`: (pairs, their estimates)."""
     estimates = np.empty(len(pairs))
     for lo in range(0, len(pairs), chunk):

@@ -99,6 +99,12 @@ def test_equal_band_slices_share_buckets_and_large_buckets_stay_linear():
     labels = minhash.connected_components(300, pairs)
     assert set(labels[[100, *range(200, 300)]].tolist()) == {100}
     assert len(minhash.bucket_pairs(keys[0], max_all_pairs=200)) == 101 * 100 // 2
+    # Which pairs a big bucket yields follows `tiebreak` (content), not the order records came in.
+    perm = rng.permutation(300)
+    tiebreak = rng.permutation(300)
+    shuffled = minhash.bucket_pairs(keys[0][perm], tiebreak=tiebreak[perm])
+    original = minhash.bucket_pairs(keys[0], tiebreak=tiebreak)
+    assert sorted(map(sorted, perm[shuffled].tolist())) == sorted(map(sorted, original.tolist()))
     subset = np.array([3, 10, 50])
     assert np.array_equal(minhash.band_key(sig, 1, 2, subset=subset), keys[1][subset])
 
