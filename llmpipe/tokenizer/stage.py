@@ -150,9 +150,11 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
         train_documents=train_st.documents, val_documents=val_st.documents,
         train_tokens=train_st.tokens, val_tokens=val_st.tokens,
         train_bytes=train_st.bytes, val_bytes=val_st.bytes,
-        bytes_per_token_val=val_st.bytes / max(val_content, 1),
+        bytes_per_token_val=val_st.bytes / max(val_content, 1),  # UTF-8 bytes per token: higher compresses better
+        # share of all vocab_size ids (specials and the 256 byte pieces included) that occur at least once
         vocab_utilization_val=float((val_st.id_counts > 0).mean()),
         vocab_utilization_train=float((train_st.id_counts > 0).mean()),
+        # share of tokens that are byte-fallback pieces (characters the vocabulary does not cover)
         byte_fallback_rate_val=val_st.byte_tokens / max(val_content, 1),
         byte_fallback_rate_train=train_st.byte_tokens / max(train_content, 1),
         roundtrip_checked_documents=val_st.roundtrip_checked, roundtrip_failures=0,
