@@ -111,7 +111,7 @@ class Trainer:
         bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.peak_flops = detect_peak_flops(self.device)
-        self.step, self.tokens_seen, self.best_val = 0, 0, math.inf
+        self.step, self.tokens_seen, self.best_val, self.train_time = 0, 0, math.inf, 0.0
         self.last: dict[str, float] = {}  # latest train/val metrics
         self._stop = False
 
@@ -177,6 +177,7 @@ class Trainer:
         if self.world.is_main:
             state = {"step": self.step, "optimizer": optim_state, "schedule": asdict(self.schedule),
                      "rng": ckpt.rng_state(), "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val,
+                     "train_time_s": self.train_time,
                      "data": {"seed": self.cfg.seed, "step": self.step, "num_windows": self.batches.windows.num_windows},
                      "train_config": asdict(self.cfg)}
             meta = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val_loss,
@@ -209,7 +210,8 @@ class Trainer:
                     ckpt.check_compatible(path, self.model_cfg, self.tokenizer_ref.get("hash"))
                     weights, state = ckpt.load_weights(path), ckpt.load_trainer_state(path)
                     info = {"path": str(path), "step": state["step"], "tokens_seen": state["tokens_seen"],
-                            "best_val": state["best_val_loss"], "meta": ckpt.read_meta(path)}
+                            "best_val": state["best_val_loss"], "train_time": state["train_time_s"],
+                            "meta": ckpt.read_meta(path)}
                 except ValueError as exc:
                     info = {"error": str(exc)}
         info = ddist.broadcast_object(info)  # every rank raises or resumes together
@@ -222,6 +224,7 @@ class Trainer:
         if self.world.is_main:
             ckpt.set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.best_val = info["step"], info["tokens_seen"], info["best_val"]
+        self.train_time = info["train_time"]
         self.last = {"train/loss": info["meta"].get("train_loss") or math.nan}
         log.info("resumed from %s (step %d)", info["path"], self.step)
         return self.step
@@ -234,19 +237,12 @@ class Trainer:
             truncate_jsonl(self.out_dir / "samples.jsonl", start)
         bar = _progress(self.cfg.max_steps, start) if self.world.is_main else None
         previous_handler = self._catch_sigterm()
-        train_time, evaluated_at = 0.0, None
+        evaluated_at = None
         try:
             while self.step < self.cfg.max_steps:
                 t0 = time.perf_counter()
                 metrics = self.train_step()
-                dt = time.perf_counter() - t0
-                train_time += dt
-                tok_s = self.cfg.global_batch_tokens / dt
-                metrics.update({"train/tokens_per_s": tok_s, "train/tokens": self.tokens_seen,
-                                "train/memory_gb": _memory_gb(self.device)})
-                if self.peak_flops:
-                    metrics["train/mfu"] = mfu(tok_s / self.world.world_size, self.model_cfg, self.cfg.seq_len,
-                                               self.peak_flops)
+                metrics.update(self._speed(time.perf_counter() - t0))
                 self.last.update(metrics)
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
                     self._log(metrics)
@@ -269,11 +265,19 @@ class Trainer:
         if evaluated_at != self.step:  # resumed at the end: report val metrics of the final weights
             self._eval_and_sample()
         self.save_final()
-        trained = (self.step - start) * self.cfg.global_batch_tokens
         return {"train_loss": self.last.get("train/loss", math.nan), "val_loss": self.last["val/loss"],
                 "val_bpb": self.last["val/bpb"], "tokens_seen": self.tokens_seen, "steps": self.step,
-                "tokens_per_s": trained / train_time if train_time else math.nan,
+                "tokens_per_s": self.tokens_seen / self.train_time if self.train_time else math.nan,
                 "params": self.model.num_params()}
+
+    def _speed(self, seconds: float) -> dict[str, float]:
+        """Throughput of the step just taken (eval and checkpoint time excluded)."""
+        self.train_time += seconds
+        tok_s = self.cfg.global_batch_tokens / seconds
+        metrics = {"train/tokens_per_s": tok_s, "train/tokens": self.tokens_seen, "train/memory_gb": _memory_gb(self.device)}
+        if self.peak_flops:  # GPUs only: a CPU has no meaningful bf16 peak
+            metrics["train/mfu"] = mfu(tok_s / self.world.world_size, self.model_cfg, self.cfg.seq_len, self.peak_flops)
+        return metrics
 
     def _eval_and_sample(self) -> float:
         metrics = self.evaluate()

@@ -6,6 +6,15 @@ nproc_per_node > 1, launches `torchrun ... -m llmpipe.train.pretrain --config <t
 forwards rank 0's metrics log to the tracker while it runs. Rerunning after a crash resumes from
 the newest checkpoint (models/pretrain is `persist: true` in dvc.yaml).
 
+Several nodes: `python -m llmpipe.train.stage` writes the resolved config; start on every node (from
+the project root, same paths everywhere)
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=<node0>:29500 \
+        --rdzv-id=pretrain -m llmpipe.train.pretrain --config models/pretrain/resolved_config.json
+
+then `llmpipe stage pretrain` on node 0 finds the finished checkpoint, evaluates it and records the
+outputs (plots, metrics, MLflow) without training again.
+
 Outputs: models/pretrain/{checkpoints/step-XXXXXX, final, metrics.jsonl, samples.jsonl, samples.txt},
 plots/pretrain_loss.csv (step, train_loss, val_loss, lr).
 """
@@ -51,7 +60,7 @@ class PretrainConfig(StageConfig):
     seq_len: int = Field(256, ge=8, description="context length trained on (the model's max_seq_len)")
     micro_batch: int = Field(8, ge=1, description="sequences per forward pass per process")
     global_batch_tokens: int = Field(2048, ge=1, description="tokens per optimizer step, all processes together")
-    max_steps: int = Field(200, ge=1, description="optimizer steps (or give train_tokens instead)")
+    max_steps: int = Field(250, ge=1, description="optimizer steps (or give train_tokens instead)")
     train_tokens: int | None = Field(None, ge=1, description="token budget: max_steps = ceil(train_tokens / global batch)")
     # optimizer and schedule
     lr: float = Field(3e-3, gt=0)
@@ -116,13 +125,18 @@ def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
             "train": train, "sample_prompt": cfg.sample_prompt}
 
 
+def write_resolved_config(cfg: PretrainConfig, root: Path) -> tuple[Path, dict[str, Any]]:
+    resolved = resolve(cfg, root)
+    config_file = root / OUT / "resolved_config.json"
+    write_json_atomic(config_file, resolved)
+    return config_file, resolved
+
+
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
     from llmpipe.train.pretrain import train
 
-    resolved = resolve(cfg, ctx.root)
     out = ctx.path(OUT)
-    config_file = out / "resolved_config.json"
-    write_json_atomic(config_file, resolved)
+    config_file, resolved = write_resolved_config(cfg, ctx.root)
     ctx.tracker.log_params({f"resolved.model.{k}": v for k, v in resolved["model"].items()}
                            | {"resolved.max_steps": cfg.steps, "resolved.params": ModelConfig.from_dict(resolved["model"]).num_params()})
     monitor = _system_metrics(ctx)
@@ -222,3 +236,11 @@ def samples_text(samples_log: Path) -> str:
         return ""
     records = [json.loads(line) for line in samples_log.read_text(encoding="utf-8").splitlines()]
     return "".join(f"=== step {r['step']} ===\n{r['text']}\n\n" for r in records)
+
+
+if __name__ == "__main__":  # multi-node: write the config every node's torchrun reads, print its path
+    from llmpipe.config import load_stage_config
+    from llmpipe.io import project_root
+
+    root = project_root()
+    print(write_resolved_config(load_stage_config(PretrainConfig, "pretrain", root / "params.yaml"), root)[0])
