@@ -12,9 +12,10 @@ Phase 1, per shard in parallel (resumable): normalize every record (see `llmpipe
 Phase 2, global, in one process: group equal exact hashes; band the signatures of one record per
   exact group (LSH: `bands` × `rows` slots per band, bucket by sorting the band hashes), verify each
   candidate pair's estimated Jaccard against `threshold`, and join verified pairs with union-find.
-  Memory: O(records × num_perm × 4 bytes) for the signatures (128 perms: 512 bytes per record,
-  ~0.5 GB per million chunks) plus one band's keys and candidate pairs at a time. This index is
-  the only part of the stage whose memory grows with the corpus; phases 1 and 3 hold one shard.
+  Memory: O(records × num_perm) — each record holds 4 × num_perm bytes of signature (126 perms:
+  504 bytes) plus ~100 bytes of id, hashes and position, ~0.6 GB per million 4000-character chunks
+  (4 GB of text) — plus one band's keys and candidate pairs at a time. This index is the only part
+  of the stage whose memory grows with the corpus; phases 1 and 3 hold one shard per worker.
 Phase 3, per shard in parallel (resumable): copy kept records, quarantine dropped ones with
   detail {"kept": id of the kept member, "jaccard": estimated Jaccard to it, "cluster": id}.
 
