@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from llmpipe.stages import run_stage
-from llmpipe.tokenizer import Tokenizer, open_split
+from llmpipe.tokenizer import Tokenizer, encode, open_split
 from llmpipe.tokenizer.encode import RoundTripError, is_val
 from tests.tokenizer.synthetic import doc_id, make_corpus, write_dedup_parts
 
@@ -159,3 +159,22 @@ def test_round_trip_failure_names_the_document_and_leaves_no_tokens(tmp_path, do
         run_stage("tokenizer", root)
     assert Tokenizer.load(root / "models" / "tokenizer").vocab_size == 500
     assert not (root / "data" / "tokens").exists() and not list(root.rglob(".tmp-*"))
+
+
+def test_rerun_after_a_crash_while_encoding_finishes_with_the_same_bytes(tmp_path, docs, monkeypatch):
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "crashed").mkdir()
+    clean, root = make_project(tmp_path / "clean", docs), make_project(tmp_path / "crashed", docs)
+    run_stage("tokenizer", clean)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM through tracking.Terminated) looks like
+
+    with monkeypatch.context() as patch:
+        patch.setattr(encode.ShardWriter, "write", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage("tokenizer", root)
+    assert (root / "models" / "tokenizer" / "tokenizer.model").exists()  # finished before the crash
+    assert not (root / "data" / "tokens").exists() and not list(root.rglob(".tmp-*"))
+    assert run_stage("tokenizer", root)["tokenizer_reused"] == 1
+    assert _outputs(root) == _outputs(clean)
