@@ -28,6 +28,13 @@ def dvc_executable() -> str:
     return found
 
 
+def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for dvc and its stage commands: this interpreter's bin dir first on PATH, so
+    `llmpipe stage X` in dvc.yaml resolves to this installation even when the venv is not activated."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(extra or {})}
+
+
 def stage_order(root: Path) -> list[str]:
     """Stages of dvc.yaml in file order (which the project keeps topological; a test checks it)."""
     spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
@@ -56,7 +63,7 @@ def repro(root: Path, stage: str, *, force: bool, env: dict[str, str] | None = N
           on_line: Callable[[str], None] = print) -> None:
     """`dvc repro --single-item STAGE`, streaming its output line by line; raises on failure."""
     cmd = [dvc_executable(), "repro", "--single-item", stage] + (["--force"] if force else [])
-    proc = subprocess.Popen(cmd, cwd=root, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=root, env=venv_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: list[str] = []
     assert proc.stdout is not None
@@ -96,7 +103,7 @@ def status_rows(root: Path) -> list[str]:
 
 
 def _dvc(root: Path, args: list[str]) -> str:
-    proc = subprocess.run([dvc_executable(), *args], cwd=root, capture_output=True, text=True)
+    proc = subprocess.run([dvc_executable(), *args], cwd=root, capture_output=True, text=True, env=venv_env())
     if proc.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout

