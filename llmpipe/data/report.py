@@ -71,7 +71,8 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+        fig.tight_layout()
+        fig.savefig(tmp, format="png", dpi=90)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -67,6 +67,9 @@ def run_shards(tasks: list[ShardTask], process: Callable[[ShardTask], Counts], *
             total.merge(_run_one(process, stage, task))
             bar.update()
     else:
+        # pyarrow imports pandas when it first builds a table; doing it once here saves every forked worker.
+        import pandas  # noqa: F401
+
         with ProcessPoolExecutor(min(workers, len(pending)), mp_context=mp.get_context("fork")) as pool:
             futures = [pool.submit(_run_one, process, stage, task) for task in pending]
             for future in as_completed(futures):
