@@ -107,3 +107,23 @@ def test_prefect_flow_force_reruns_a_stage_with_identical_outputs(project: Path,
     # clean is deterministic (same bytes), so dedup downstream stays up to date
     assert result == {"ingest": "up to date", "clean": "ran (forced)", "dedup": "up to date"}
     assert clean_output_hash() == before
+
+
+def test_llmpipe_status_shows_staleness_and_last_runs(project: Path, monkeypatch):
+    from click.testing import CliRunner
+
+    from llmpipe.cli import main
+
+    monkeypatch.chdir(project)
+    out = CliRunner().invoke(main, ["status"]).output
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(lines) == set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    assert all("up to date" in line and "FINISHED" in line for line in lines.values()), out
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pretrain"]["lr"] = params["pretrain"]["lr"] / 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = CliRunner().invoke(main, ["status"]).output
+    assert "stale" in next(line for line in out.splitlines() if line.startswith("pretrain")), out
+    params["pretrain"]["lr"] = params["pretrain"]["lr"] * 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
