@@ -58,14 +58,14 @@ class PretrainConfig(StageConfig):
     attn_backend: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"
     # batch and length of training
     seq_len: int = Field(256, ge=8, description="context length trained on (the model's max_seq_len)")
-    micro_batch: int = Field(8, ge=1, description="sequences per forward pass per process")
-    global_batch_tokens: int = Field(2048, ge=1, description="tokens per optimizer step, all processes together")
-    max_steps: int = Field(250, ge=1, description="optimizer steps (or give train_tokens instead)")
+    micro_batch: int = Field(4, ge=1, description="sequences per forward pass per process")
+    global_batch_tokens: int = Field(1024, ge=1, description="tokens per optimizer step, all processes together")
+    max_steps: int = Field(800, ge=1, description="optimizer steps (or give train_tokens instead)")
     train_tokens: int | None = Field(None, ge=1, description="token budget: max_steps = ceil(train_tokens / global batch)")
     # optimizer and schedule
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(30, ge=0)
     schedule: Literal["cosine", "wsd"] = "cosine"
     decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
     weight_decay: float = Field(0.1, ge=0)
@@ -73,9 +73,9 @@ class PretrainConfig(StageConfig):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)
     # eval, checkpoints, logging
-    eval_every: int = Field(50, ge=1, description="steps between val loss / bpb / sample")
-    eval_batches: int = Field(4, ge=1, description="micro-batches in the fixed val set")
-    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (best-by-val needs a multiple of eval_every)")
+    eval_every: int = Field(100, ge=1, description="steps between val loss / bpb / sample")
+    eval_batches: int = Field(8, ge=1, description="micro-batches in the fixed val set")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (best-by-val needs a multiple of eval_every)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept besides the best by val loss")
     log_every: int = Field(1, ge=1)
     sample_prompt: str = "ROMEO:"
