@@ -111,8 +111,9 @@ def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
         raise ValueError(f"{meta_path} not found: run the tokenizer stage first")
     meta = read_json(meta_path)
     tok_file = root / TOKENIZER / "tokenizer.json"
-    if tok_file.exists() and read_json(tok_file).get("hash") != meta["tokenizer_hash"]:
-        raise ValueError(f"{tok_file} and {meta_path} disagree on the tokenizer hash: rerun the tokenizer stage")
+    if not tok_file.exists() or read_json(tok_file).get("hash") != meta["tokenizer_hash"]:
+        raise ValueError(f"{tok_file} is missing or disagrees with {meta_path} on the tokenizer hash: "
+                         f"rerun the tokenizer stage")
     sizes = {k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")}
     model = ModelConfig.from_preset(cfg.preset, meta["vocab_size"], max_seq_len=cfg.seq_len,
                                     attn_backend=cfg.attn_backend, **sizes)
