@@ -221,6 +221,9 @@ class Trainer:
             raise ValueError(info["error"])
         ddist.load_model_state(self.model, weights)
         ddist.load_optimizer_state(self.model, self.opt, state.get("optimizer", {}))
+        for group, fresh in zip(self.opt.param_groups, self.model.param_groups(self.cfg.weight_decay)):
+            # the saved groups carry the old hyperparameters: this run's config decides them
+            group.update(weight_decay=fresh["weight_decay"], betas=(self.cfg.beta1, self.cfg.beta2))
         if self.world.is_main:
             ckpt.set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.best_val = info["step"], info["tokens_seen"], info["best_val"]
