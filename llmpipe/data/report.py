@@ -46,7 +46,8 @@ def _plot_lengths(counts: Counts, path: Path, stage: str) -> None:
     ax.set_xlabel("record length (characters)")
     ax.set_ylabel("records")
     ax.set_title(f"{stage}: length distribution")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     _save(fig, path)
 
 

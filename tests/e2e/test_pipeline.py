@@ -58,6 +58,29 @@ def test_dvc_repro_runs_data_stages_with_full_accounting(project: Path):
     assert json.loads((project / "metrics" / "dedup.json").read_text())["records_rejected"] > 0
 
 
+def test_dvc_repro_trains_tokenizer_and_model_from_the_data_stages(project: Path):
+    tok = json.loads((project / "metrics" / "tokenizer.json").read_text())
+    assert tok["roundtrip_failures"] == 0 and tok["roundtrip_checked_documents"] > 0
+    meta = json.loads((project / "data" / "tokens" / "train" / "meta.json").read_text())
+    assert meta["num_tokens"] == tok["train_tokens"] > 0
+
+    from llmpipe.tokenizer import Tokenizer
+    from llmpipe.train.checkpoint import load_checkpoint
+
+    tokenizer = Tokenizer.load(project / "models" / "tokenizer")
+    model, cfg, ckpt_meta = load_checkpoint(project / "models" / "pretrain" / "final")
+    assert cfg.vocab_size == tokenizer.vocab_size
+    pre = json.loads((project / "metrics" / "pretrain.json").read_text())
+    assert pre["steps"] == 6 and pre["val_loss"] > 0
+    curve = (project / "plots" / "pretrain_loss.csv").read_text().splitlines()
+    assert curve[0].startswith("step") and len(curve) == 1 + 6
+    run = _stage_runs(project, "pretrain")[0]
+    from llmpipe.tracking import configure_mlflow
+
+    history = configure_mlflow(project).MlflowClient().get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) == 6
+
+
 def test_dvc_repro_twice_runs_nothing(project: Path):
     out = run_dvc(project, "repro")
     assert "up to date" in out
@@ -70,6 +93,26 @@ def test_dvc_metrics_show(project: Path):
     shown = json.loads(out)
     files = next(iter(shown.values()))["data"]
     assert {f"metrics/{s}.json" for s in DATA_STAGES} <= set(files)
+
+
+def test_llmpipe_status_shows_staleness_and_last_runs(project: Path, monkeypatch):
+    from click.testing import CliRunner
+
+    from llmpipe.cli import main
+
+    monkeypatch.chdir(project)
+    out = CliRunner().invoke(main, ["status"]).output
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(lines) == set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
+    assert all("up to date" in line and "FINISHED" in line for line in lines.values()), out
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pretrain"]["lr"] = params["pretrain"]["lr"] / 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = CliRunner().invoke(main, ["status"]).output
+    assert "stale" in next(line for line in out.splitlines() if line.startswith("pretrain")), out
+    params["pretrain"]["lr"] = params["pretrain"]["lr"] * 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def test_prefect_flow_skips_up_to_date_stages_and_reruns_changed_ones(project: Path, prefect_server):
@@ -108,22 +151,3 @@ def test_prefect_flow_force_reruns_a_stage_with_identical_outputs(project: Path,
     assert result == {"ingest": "up to date", "clean": "ran (forced)", "dedup": "up to date"}
     assert clean_output_hash() == before
 
-
-def test_llmpipe_status_shows_staleness_and_last_runs(project: Path, monkeypatch):
-    from click.testing import CliRunner
-
-    from llmpipe.cli import main
-
-    monkeypatch.chdir(project)
-    out = CliRunner().invoke(main, ["status"]).output
-    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
-    assert set(lines) == set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-    assert all("up to date" in line and "FINISHED" in line for line in lines.values()), out
-
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["pretrain"]["lr"] = params["pretrain"]["lr"] / 2
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = CliRunner().invoke(main, ["status"]).output
-    assert "stale" in next(line for line in out.splitlines() if line.startswith("pretrain")), out
-    params["pretrain"]["lr"] = params["pretrain"]["lr"] * 2
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
