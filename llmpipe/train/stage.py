@@ -126,8 +126,31 @@ def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
             "train": train, "sample_prompt": cfg.sample_prompt}
 
 
+# Settings a rerun may change and still continue the same run from its newest checkpoint: more steps,
+# another process count (the data order does not depend on it), and how often to evaluate/save/log.
+CONTINUABLE = {"max_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_last", "log_every", "compile",
+               "distributed", "sample_tokens", "sample_temperature", "sample_top_k"}
+
+
+def check_continuation(root: Path, resolved: dict[str, Any]) -> None:
+    """Refuse to resume checkpoints that another training setup produced.
+
+    DVC reruns this stage when any pretrain param changes; the persisted checkpoints then belong to the
+    old setup, and continuing them would record a model the new params never trained."""
+    previous = root / OUT / "resolved_config.json"
+    if not previous.exists() or ckpt.latest_checkpoint(root / OUT / "checkpoints") is None:
+        return
+    old, new = read_json(previous)["train"], resolved["train"]
+    diffs = [f"pretrain.{k}: checkpoints {old.get(k)!r} != params.yaml {new.get(k)!r}"
+             for k in sorted(set(old) | set(new)) if k not in CONTINUABLE and old.get(k) != new.get(k)]
+    if diffs:
+        raise ValueError(f"{root / OUT / 'checkpoints'} holds a run trained with other settings:\n  " + "\n  ".join(diffs)
+                         + f"\nRestore those settings to continue it, or delete {root / OUT} to train from scratch.")
+
+
 def write_resolved_config(cfg: PretrainConfig, root: Path) -> tuple[Path, dict[str, Any]]:
     resolved = resolve(cfg, root)
+    check_continuation(root, resolved)
     config_file = root / OUT / "resolved_config.json"
     write_json_atomic(config_file, resolved)
     return config_file, resolved

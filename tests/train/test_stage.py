@@ -76,6 +76,21 @@ def test_a_rerun_with_more_steps_resumes_under_torchrun_and_forwards_rank0_metri
     assert [json.loads(x)["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
+def test_a_rerun_with_other_training_settings_refuses_the_old_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPIPE_TRACKING", "off")
+    root = project(tmp_path, max_steps=2, checkpoint_every=2, eval_every=2)
+    run_stage("pretrain", root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["pretrain"].update(lr=params["pretrain"].get("lr", 2e-3) / 2, seed=7)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError) as err:
+        run_stage("pretrain", root)
+    assert "pretrain.lr" in str(err.value) and "pretrain.seed" in str(err.value) and "delete" in str(err.value)
+    shutil.rmtree(root / "models" / "pretrain")  # what the message says: then it trains from scratch
+    assert run_stage("pretrain", root)["steps"] == 2
+
+
 def test_config_errors_name_the_key(tmp_path):
     root = project(tmp_path, nproc_per_node=2)
     with pytest.raises(ConfigError, match="nproc_per_node > 1 needs distributed"):
