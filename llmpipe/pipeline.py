@@ -63,6 +63,8 @@ def repro(root: Path, stage: str, *, force: bool, env: dict[str, str] | None = N
           on_line: Callable[[str], None] = print) -> None:
     """`dvc repro --single-item STAGE`, streaming its output line by line; raises on failure."""
     cmd = [dvc_executable(), "repro", "--single-item", stage] + (["--force"] if force else [])
+    # Every progress-bar redraw becomes a log line here: one every 10 s is enough for a log.
+    env = {"TQDM_MININTERVAL": "10", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=root, env=venv_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: list[str] = []
