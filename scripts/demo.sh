@@ -5,4 +5,11 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/llmpipe fetch-demo
 .venv/bin/llmpipe run "$@"
-.venv/bin/dvc metrics show
+echo
+.venv/bin/llmpipe status
+echo
+echo "Samples from the model (models/pretrain/samples.txt, last eval):"
+sed -n '/=== step/h; /=== step/!H; ${x;p}' models/pretrain/samples.txt
+echo
+echo "Next: 'source .venv/bin/activate', then 'dvc metrics show', 'dvc plots show',"
+echo "and 'mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db' for every run, metric and report."
