@@ -95,6 +95,11 @@ def fetch_demo(dest: Path | None) -> None:
     from llmpipe.data.demo import fetch_demo_corpus
 
     path = fetch_demo_corpus(dest or _root() / "data" / "sources")
+    tracked = path.with_name(path.name + ".dvc")
+    if tracked.exists():  # put it in DVC's cache too, so `dvc status` finds the tracked data complete
+        from llmpipe.pipeline import dvc_commit
+
+        dvc_commit(_root(), tracked)
     click.echo(str(path))
 
 

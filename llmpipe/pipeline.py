@@ -104,6 +104,11 @@ def status_rows(root: Path) -> list[str]:
     return rows
 
 
+def dvc_commit(root: Path, dvc_file: Path) -> None:
+    """Record data that matches its .dvc file in DVC's cache (a no-op when already there)."""
+    _dvc(root, ["commit", "--force", "--quiet", str(dvc_file.relative_to(root))])
+
+
 def _dvc(root: Path, args: list[str]) -> str:
     proc = subprocess.run([dvc_executable(), *args], cwd=root, capture_output=True, text=True, env=venv_env())
     if proc.returncode != 0:
