@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -56,3 +57,18 @@ def run_dvc(root: Path, *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Pin torch's intra-op threads. Tiny models gain nothing from a second thread, CPU float results
+    depend on the thread count (reduction order), and on a shared 2-core machine OpenMP's spin-waiting
+    made small tests up to 10x slower when other work ran."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
