@@ -15,6 +15,8 @@ from llmpipe.stages import STAGES
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Prefect's client logs every API call at INFO through httpx: noise for a pipeline user.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _root() -> Path:
