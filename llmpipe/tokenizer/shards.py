@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from llmpipe.io import write_json_atomic  # stdlib-only at import, like this module
+
 FORMAT = "llmpipe.tokens/1"
 META_FILE = "meta.json"
 
@@ -117,14 +119,8 @@ class ShardWriter:
 
 
 def write_meta(directory: Path | str, meta: dict[str, Any]) -> None:
-    """Write meta.json (temp file, fsync, rename): the split counts as readable once it exists."""
-    path = Path(directory) / META_FILE
-    tmp = path.with_name(f".tmp-{META_FILE}-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write meta.json atomically: the split counts as readable once it exists."""
+    write_json_atomic(Path(directory) / META_FILE, meta)
 
 
 @dataclass
