@@ -9,7 +9,7 @@ import torch
 from llmpipe.model import GPT, ModelConfig
 from llmpipe.model.hf import hf_llama_config, hf_llama_name
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test dependency: a missing install must fail, not skip)
 
 
 def _copy_into(hf_model, model: GPT) -> None:
