@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def run(until: str | None, force: tuple[str, ...]) -> None:
 
     DVC decides what is stale: stages whose inputs, code and params are unchanged are skipped.
     """
+    # The ephemeral server's telemetry heartbeat phones home and can hit "database is locked" on
+    # Prefect's local SQLite; the embedded default runs without it (set the variable to re-enable).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pipeline import pipeline
 
     from llmpipe.pipeline import check_run
