@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from llmpipe.errors import UserError
+
 
 class StageConfig(BaseModel):
     """Base of every stage's config: unknown keys are errors, values are immutable."""
@@ -23,7 +25,7 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user error in params.yaml; the message is meant to be shown as is."""
 
 

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# README command 1: install, fetch the demo corpus once, run the whole pipeline on CPU.
+# README command 1: install, then run the whole pipeline on CPU (its demo stage fetches the corpus once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-.venv/bin/llmpipe fetch-demo
 .venv/bin/llmpipe run "$@"
 echo
 .venv/bin/llmpipe status

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from llmpipe.io import sha256_file
 from llmpipe.pipeline import venv_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +28,9 @@ def _merge(base: dict, overrides: dict) -> dict:
     return base
 
 
-def make_project(dest: Path, archive: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """Copy this project's files (tracked and untracked-not-ignored, as in the working tree) to
-    `dest`, put `archive` in as the demo source tracked by DVC, apply params overrides, commit."""
+def copy_checkout(dest: Path) -> Path:
+    """What a fresh clone of this working tree holds (tracked and untracked-not-ignored files, tests and
+    benchmarks left out), committed to a new git repository at `dest`."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split("\n")
     for rel in filter(None, files):
@@ -37,16 +38,26 @@ def make_project(dest: Path, archive: Path, overrides: dict[str, Any] | None = N
         if src.is_file() and not rel.startswith(("tests/", "benchmarks/")):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    (dest / "params.yaml").write_text(yaml.safe_dump(_merge(params, overrides or {}), sort_keys=False))
-    (dest / "data" / "sources").mkdir(parents=True, exist_ok=True)
-    shutil.copy2(archive, dest / "data" / "sources" / DEMO_NAME)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    run_dvc(dest, "add", "-q", f"data/sources/{DEMO_NAME}")
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-qm", "test project"], cwd=dest, check=True)
+    git_commit_all(dest, "test project")
     return dest
+
+
+def make_project(dest: Path, archive: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """A fresh checkout at `dest` whose demo stage takes `archive` (a slice of the corpus, say) as its
+    local copy instead of downloading, with params overrides applied and committed."""
+    copy_checkout(dest)
+    demo = {"demo": {"local_copy": str(Path(archive).resolve()), "sha256": sha256_file(archive)}}
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(_merge(_merge(params, demo), overrides or {}), sort_keys=False))
+    git_commit_all(dest, "test params")
+    return dest
+
+
+def git_commit_all(root: Path, message: str) -> None:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
+    subprocess.run(git + ["commit", "-qm", message, "--allow-empty"], cwd=root, check=True)
 
 
 def run_dvc(root: Path, *args: str) -> str:

