@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llmpipe.errors import UserError
+
 log = logging.getLogger("llmpipe.model")
 
 BACKENDS = ("flash_attn", "sdpa", "math")
@@ -55,17 +57,17 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
     """The concrete backend `name` means on `device` ('auto' -> flash_attn if usable, else sdpa).
 
     `dtype` is the dtype attention will see (bf16 under autocast); None assumes a half type on CUDA.
-    Raises ValueError for an unknown name or for flash_attn where it cannot run. Logs each choice once.
+    Raises UserError for an unknown name or for flash_attn where it cannot run. Logs each choice once.
     """
     device = torch.device(device)
     if name not in ("auto", *BACKENDS):
-        raise ValueError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+        raise UserError(f"unknown attention backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
     if name == "flash_attn":
         if not flash_attn_available():
-            raise ValueError(f"attn_backend 'flash_attn' needs the flash-attn package ({_flash_import_error}); "
+            raise UserError(f"attn_backend 'flash_attn' needs the flash-attn package ({_flash_import_error}); "
                              "install it with `pip install flash-attn` on a CUDA machine, or use 'sdpa'")
         if device.type != "cuda":
-            raise ValueError(f"attn_backend 'flash_attn' runs on CUDA only, not {device}; use 'sdpa' or 'auto'")
+            raise UserError(f"attn_backend 'flash_attn' runs on CUDA only, not {device}; use 'sdpa' or 'auto'")
     choice = _auto(device.type, dtype) if name == "auto" else name
     if (name, str(device), choice) not in _logged:
         _logged.add((name, str(device), choice))
@@ -85,14 +87,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         return _math(q, k, v)
     if backend == "flash_attn":
         return _flash(q, k, v)
-    raise ValueError(f"unknown attention backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
+    raise UserError(f"unknown attention backend {backend!r}; valid: auto, {', '.join(BACKENDS)}")
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if _flash_attn_func is None:
-        raise ValueError("attention backend 'flash_attn' needs `pip install flash-attn`")
+        raise UserError("attention backend 'flash_attn' needs `pip install flash-attn`")
     if q.dtype not in FLASH_DTYPES:
-        raise ValueError(f"flash_attn needs fp16/bf16 inputs, got {q.dtype}: train under bf16 autocast or use 'sdpa'")
+        raise UserError(f"flash_attn needs fp16/bf16 inputs, got {q.dtype}: train under bf16 autocast or use 'sdpa'")
     # (B, H, T, D) -> (B, T, H, D): flash-attn's layout. Views only: q/k/v were made as (B, T, H, D).
     out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
     if isinstance(out, tuple):  # flash_attn.cute returns (out, lse)

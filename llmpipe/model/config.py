@@ -24,6 +24,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from llmpipe.errors import UserError  # standard library only, like this module
+
 HEAD_DIM = 64  # every preset uses 64-wide heads; width must be a multiple of it
 ATTN_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
 
@@ -60,7 +62,7 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise UserError("invalid ModelConfig: " + "; ".join(problems))
         if self.d_model % self.n_head:
             problems.append(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         elif (self.d_model // self.n_head) % 2:
@@ -73,7 +75,7 @@ class ModelConfig:
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise UserError("invalid ModelConfig: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
@@ -106,16 +108,16 @@ class ModelConfig:
         the final d_model unless given.
         """
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         unknown = sorted(set(overrides) - _field_names())
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; valid: {sorted(_field_names())}")
+            raise UserError(f"unknown ModelConfig field(s) {unknown}; valid: {sorted(_field_names())}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
         kwargs = dict(PRESETS[name])
         kv_group = kwargs["n_head"] // kwargs["n_kv_head"]
         if "d_model" in overrides and "n_head" not in overrides:
             if overrides["d_model"] % HEAD_DIM:
-                raise ValueError(f"d_model override {overrides['d_model']} must be a multiple of {HEAD_DIM} "
+                raise UserError(f"d_model override {overrides['d_model']} must be a multiple of {HEAD_DIM} "
                                  f"to derive the heads, or pass n_head as well")
             overrides["n_head"] = overrides["d_model"] // HEAD_DIM
         if "n_head" in overrides and "n_kv_head" not in overrides:
@@ -132,11 +134,11 @@ class ModelConfig:
     def from_dict(cls, data: dict) -> "ModelConfig":
         unknown = sorted(set(data) - _field_names())
         if unknown:
-            raise ValueError(f"unknown ModelConfig key(s) {unknown}; valid keys: {sorted(_field_names())}")
+            raise UserError(f"unknown ModelConfig key(s) {unknown}; valid keys: {sorted(_field_names())}")
         missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data
                          and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
         if missing:
-            raise ValueError(f"ModelConfig is missing required key(s) {missing}")
+            raise UserError(f"ModelConfig is missing required key(s) {missing}")
         return cls(**data)
 
 

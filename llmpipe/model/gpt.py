@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmpipe.errors import UserError
 from llmpipe.model.attention import causal_attention, resolve_backend
 from llmpipe.model.config import ModelConfig
 
@@ -148,7 +149,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+            raise UserError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         if not torch.compiler.is_compiling():  # validate the backend and log the choice once, eagerly
             resolve_backend(self.config.attn_backend, idx.device)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)

@@ -32,6 +32,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from llmpipe.errors import UserError
 from llmpipe.model.config import ModelConfig
 from llmpipe.model.flops import PEAK_BF16_FLOPS, flops_per_token, matmul_params
 
@@ -85,7 +86,7 @@ def parse_count(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", str(text))
     if not m:
-        raise ValueError(f"cannot read token count {text!r}: use a number with an optional K/M/B/T suffix, e.g. 10B")
+        raise UserError(f"cannot read token count {text!r}: use a number with an optional K/M/B/T suffix, e.g. 10B")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}[m.group(2).lower()]
     return int(round(float(m.group(1)) * scale))
 
@@ -102,12 +103,12 @@ def plan(cfg: ModelConfig, tokens: int | None, gpu: str, num_gpus: int, mfu: flo
          seq_len: int, gpu_memory_gb: float | None = None) -> Plan:
     """Compute, time and memory for training `cfg` on `tokens` tokens (None: Chinchilla-optimal)."""
     if gpu not in PEAK_BF16_FLOPS:
-        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(PEAK_BF16_FLOPS)}")
+        raise UserError(f"unknown GPU {gpu!r}; known: {', '.join(PEAK_BF16_FLOPS)}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+        raise UserError(f"mfu must be in (0, 1], got {mfu}")
     for name, value in (("num_gpus", num_gpus), ("micro_batch", micro_batch), ("seq_len", seq_len)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise UserError(f"{name} must be >= 1, got {value}")
     warnings = []
     if seq_len > cfg.max_seq_len:
         warnings.append(f"seq_len {seq_len} is longer than the model's max_seq_len {cfg.max_seq_len}")
@@ -116,7 +117,7 @@ def plan(cfg: ModelConfig, tokens: int | None, gpu: str, num_gpus: int, mfu: flo
     tokens_chinchilla = CHINCHILLA_TOKENS_PER_PARAM * n_params
     tokens = tokens_chinchilla if tokens is None else tokens
     if tokens < 1:
-        raise ValueError(f"tokens must be >= 1, got {tokens}")
+        raise UserError(f"tokens must be >= 1, got {tokens}")
     fpt = flops_per_token(cfg, seq_len)
     total_flops = fpt * tokens
     flops_per_s = num_gpus * PEAK_BF16_FLOPS[gpu] * mfu

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from llmpipe.errors import UserError
+
 
 class TokenWindows:
     """Every start position of a `seq_len + 1` window in a list of 1-D token arrays."""
@@ -32,7 +34,7 @@ class TokenWindows:
         self.num_windows = int(self._cum[-1]) if len(self._cum) else 0
         if self.num_windows == 0:
             longest = max((len(s) for s in self.shards), default=0)
-            raise ValueError(f"{name}: no shard holds seq_len + 1 = {seq_len + 1} tokens (longest has {longest}); "
+            raise UserError(f"{name}: no shard holds seq_len + 1 = {seq_len + 1} tokens (longest has {longest}); "
                              f"lower seq_len or tokenize more text")
 
     def gather(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +66,7 @@ def val_batches(windows: TokenWindows, num_batches: int, batch_size: int, rank: 
                 world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share (batches rank, rank + W, ...) of a fixed set of evenly spaced val windows."""
     if num_batches % world_size:
-        raise ValueError(f"eval_batches ({num_batches}) must be a multiple of the world size ({world_size}) "
+        raise UserError(f"eval_batches ({num_batches}) must be a multiple of the world size ({world_size}) "
                          f"so every rank evaluates the same number of batches")
     n = num_batches * batch_size
     index = np.arange(n, dtype=np.int64) * windows.num_windows // n

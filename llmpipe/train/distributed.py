@@ -19,6 +19,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from llmpipe.errors import UserError
+
 MODES = ("none", "ddp", "fsdp2")
 
 
@@ -44,7 +46,7 @@ def init(device: str = "auto") -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
                          f"use device: auto or cpu")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -65,7 +67,7 @@ def wrap(model: torch.nn.Module, mode: str, world: World, compile: bool = False)
     `compile` compiles in place (`Module.compile`), so parameter names and state dicts stay plain.
     """
     if mode not in MODES:
-        raise ValueError(f"distributed mode {mode!r} is not one of {', '.join(MODES)}")
+        raise UserError(f"distributed mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "fsdp2" and world.distributed:
         from torch.distributed.fsdp import fully_shard
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from llmpipe.errors import UserError
+
 SCHEDULES = ("cosine", "wsd")
 
 
@@ -29,13 +31,13 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
-            raise ValueError(f"schedule {self.kind!r} is not one of {', '.join(SCHEDULES)}")
+            raise UserError(f"schedule {self.kind!r} is not one of {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be between 0 and max_steps ({self.max_steps})")
+            raise UserError(f"warmup_steps ({self.warmup_steps}) must be between 0 and max_steps ({self.max_steps})")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.decay_frac <= 1.0:
-            raise ValueError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
+            raise UserError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
 
     def lr_at(self, step: int) -> float:
         """The rate for the optimizer step taken when `step` steps are already done (0-based)."""
