@@ -4,12 +4,18 @@ The embedded default is MLflow on SQLite under `<project>/mlruns/` (independent 
 directory); `MLFLOW_TRACKING_URI` points at a server instead; `LLMPIPE_TRACKING=off` turns it off.
 A pipeline run is one parent MLflow run; `llmpipe run` passes its id to each stage process in
 `LLMPIPE_PARENT_RUN_ID`, and each stage execution becomes a nested run.
+
+A process killed with SIGKILL (or by the OOM killer) cannot end its run, so every run records the
+process that owns it (host, pid, the pid's start time); whoever opens the next run, and `llmpipe
+status`, ends the RUNNING runs whose process is gone as KILLED, with a note saying so.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -19,10 +25,20 @@ from typing import Any, Protocol
 
 import yaml
 
-PARENT_RUN_ENV = "LLMPIPE_PARENT_RUN_ID"
-TRACKING_SWITCH_ENV = "LLMPIPE_TRACKING"
-EXPERIMENT_ENV = "LLMPIPE_EXPERIMENT"
-DEFAULT_EXPERIMENT = "llmpipe"
+from llmpipe import env
+
+PARENT_RUN_ENV = env.PARENT_RUN_ID.name
+TRACKING_SWITCH_ENV = env.TRACKING.name
+EXPERIMENT_ENV = env.EXPERIMENT.name
+DEFAULT_EXPERIMENT = env.EXPERIMENT.default
+
+# Which process owns a run: enough to tell, on the same machine, whether it still exists.
+HOST_TAG = "llmpipe.host"
+PID_TAG = "llmpipe.pid"
+PID_STARTED_TAG = "llmpipe.pid_started"  # the pid's start time, so a reused pid does not look alive
+PID_NAMESPACE_TAG = "llmpipe.pid_namespace"  # containers sharing a host name do not share pids
+ENDED_BY_TAG = "llmpipe.ended_by"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 
 
 class Tracker(Protocol):
@@ -81,12 +97,12 @@ class MLflowTracker:
 
 
 def tracking_enabled() -> bool:
-    return os.environ.get(TRACKING_SWITCH_ENV, "on").lower() not in {"off", "0", "false", "no"}
+    return env.tracking_enabled()
 
 
 def tracking_uri(root: Path) -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if env.tracking_uri():
+        return env.tracking_uri()
     (root / "mlruns").mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
 
@@ -104,10 +120,10 @@ def configure_mlflow(root: Path) -> Any:
     # Alembic chatters about every migration on a fresh SQLite store; users need none of it.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri(root))
-    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    name = env.experiment()
     client = mlflow.MlflowClient()
     if client.get_experiment_by_name(name) is None:
-        location = None if os.environ.get("MLFLOW_TRACKING_URI") else artifact_location(root)
+        location = None if env.tracking_uri() else artifact_location(root)
         try:
             client.create_experiment(name, artifact_location=location)
         except Exception:  # another process created it first
@@ -121,14 +137,17 @@ def configure_mlflow(root: Path) -> Any:
 def tracked_run(root: Path, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Tracker]:
     """Open a run (nested under $LLMPIPE_PARENT_RUN_ID when set) and close it with the right status.
 
-    An exception, Ctrl-C or SIGTERM ends the run FAILED/KILLED; it is never left RUNNING.
+    An exception, Ctrl-C or SIGTERM ends the run FAILED/KILLED; it is never left RUNNING. Runs that
+    a killed process left RUNNING are ended first (see `end_dead_runs`).
     """
     if not tracking_enabled():
         yield NullTracker()
         return
     mlflow = configure_mlflow(root)
-    parent = os.environ.get(PARENT_RUN_ENV)
-    run = mlflow.start_run(run_name=run_name, nested=bool(parent), parent_run_id=parent or None, tags=tags)
+    end_dead_runs(root, by=f"the start of run {run_name!r}")
+    parent = env.parent_run_id()
+    run = mlflow.start_run(run_name=run_name, nested=bool(parent), parent_run_id=parent or None,
+                           tags={**(tags or {}), **process_tags()})
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
     if in_main_thread:  # signal handlers can only be set from the main thread
@@ -152,6 +171,68 @@ class Terminated(BaseException):
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated(f"received signal {signum}")
+
+
+# -- runs of dead processes ------------------------------------------------------------------------
+
+def process_tags() -> dict[str, str]:
+    """The tags that name this process as the owner of a run."""
+    import psutil
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            PID_STARTED_TAG: f"{psutil.Process().create_time():.2f}", PID_NAMESPACE_TAG: _pid_namespace()}
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: the host name alone identifies the machine
+        return ""
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """Whether the process `pid` that started at `started` (None: unknown) still runs on this machine."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # dead, only not yet reaped by its parent
+            return False
+        # create_time is derived from clock ticks since boot: equal to the hundredth for one process
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
+
+
+def end_dead_runs(root: Path, by: str) -> list[str]:
+    """End as KILLED every RUNNING run of this project's experiment whose process is gone from this
+    machine; runs owned by other machines are left alone. Returns one line per run ended."""
+    if not tracking_enabled():
+        return []
+    mlflow = configure_mlflow(root)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(env.experiment())
+    mine = process_tags()
+    query = (f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{mine[HOST_TAG]}'"
+             f" and tags.`{PID_NAMESPACE_TAG}` = '{mine[PID_NAMESPACE_TAG]}'")
+    ended = []
+    for run in client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000):
+        tags = run.data.tags
+        started = float(tags[PID_STARTED_TAG]) if tags.get(PID_STARTED_TAG) else None
+        if process_alive(int(tags[PID_TAG]), started):
+            continue
+        owner = f"process {tags[PID_TAG]} on {tags[HOST_TAG]}"
+        me = f"llmpipe process {os.getpid()} ({by})"
+        when = dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        client.set_tag(run.info.run_id, ENDED_BY_TAG, me)
+        client.set_tag(run.info.run_id, NOTE_TAG, f"Ended as KILLED at {when} by {me}: {owner}, which ran "
+                       f"this run, no longer exists (killed by a signal such as SIGKILL, or out of memory) "
+                       f"and could not end it.")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(f"{run.info.run_name} ({run.info.run_id[:8]}): {owner} is gone")
+    return ended
 
 
 # -- tags -----------------------------------------------------------------------------------------
@@ -201,8 +282,6 @@ def last_runs(root: Path, stages: list[str]) -> dict[str, dict[str, str]]:
                                   max_results=1, output_format="list")
         if runs:
             info = runs[0].info
-            import datetime as dt
-
             started = dt.datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
             out[stage] = {"status": info.status, "started": started, "run_id": info.run_id}
     return out

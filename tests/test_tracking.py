@@ -1,4 +1,6 @@
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -6,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llmpipe.tracking import (PARENT_RUN_ENV, NullTracker, configure_mlflow, input_hashes, tracked_run,
-                              tracking_uri)
+from llmpipe.tracking import (ENDED_BY_TAG, HOST_TAG, PARENT_RUN_ENV, PID_NAMESPACE_TAG, PID_STARTED_TAG, PID_TAG,
+                              NullTracker, configure_mlflow, end_dead_runs, input_hashes, tracked_run, tracking_uri)
 
 
 @pytest.fixture
@@ -76,3 +78,77 @@ def test_input_hashes_from_dvc_lock_and_dvc_files(project: Path):
         "schema: '2.0'\nstages:\n  ingest:\n    cmd: x\n    outs:\n    - path: data/raw\n      md5: abc.dir\n")
     (project / "data").mkdir()
     assert input_hashes(project, "clean") == {"input.data/raw": "abc.dir", "input.code.py": "unrecorded"}
+
+
+# -- runs of dead processes -------------------------------------------------------------------------
+
+# A process that opens a tracked run, says its id, and holds the run open until killed.
+HOLD_RUN = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from llmpipe.tracking import tracked_run
+    with tracked_run(Path(sys.argv[1]), sys.argv[2], {"stage": sys.argv[2]}) as t:
+        print(t.run_id, flush=True)
+        time.sleep(600)
+""")
+
+
+def hold_run(root: Path, name: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_RUN, str(root), name], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "LLMPIPE_TRACKING": "on"})
+    return proc, proc.stdout.readline().strip()
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def test_a_run_records_the_host_and_process_that_own_it(project: Path):
+    import psutil
+
+    with tracked_run(project, "clean") as tracker:
+        pass
+    tags = _client(project).get_run(tracker.run_id).data.tags
+    assert tags[HOST_TAG] == socket.gethostname() and tags[PID_TAG] == str(os.getpid())
+    assert abs(float(tags[PID_STARTED_TAG]) - psutil.Process().create_time()) < 0.1
+
+
+def test_the_next_run_ends_the_run_of_a_killed_process_as_killed(project: Path):
+    proc, killed_id = hold_run(project, "clean")
+    assert _client(project).get_run(killed_id).info.status == "RUNNING"
+    kill_9(proc)
+    with tracked_run(project, "clean") as tracker:
+        pass
+    client = _client(project)
+    killed = client.get_run(killed_id)
+    assert killed.info.status == "KILLED" and killed.info.end_time is not None
+    assert f"process {proc.pid} on {socket.gethostname()}" in killed.data.tags["mlflow.note.content"]
+    assert f"llmpipe process {os.getpid()}" in killed.data.tags[ENDED_BY_TAG]
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_runs_of_live_processes_and_of_other_hosts_are_left_alone(project: Path):
+    import psutil
+
+    alive, alive_id = hold_run(project, "clean")
+    try:
+        client = _client(project)
+        experiment = client.get_experiment_by_name("llmpipe").experiment_id
+        here = {PID_NAMESPACE_TAG: os.readlink("/proc/self/ns/pid")}
+        # a dead pid, but recorded by another machine: this one cannot know whether it still runs
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+        elsewhere = client.create_run(experiment, run_name="elsewhere", tags={
+            HOST_TAG: "another-machine", PID_TAG: dead, PID_STARTED_TAG: "1.0", **here}).info.run_id
+        # the live holder's pid with another start time: the pid was reused, the run's process is gone
+        reused = client.create_run(experiment, run_name="reused", tags={
+            HOST_TAG: socket.gethostname(), PID_TAG: str(alive.pid),
+            PID_STARTED_TAG: f"{psutil.Process(alive.pid).create_time() - 60:.2f}", **here}).info.run_id
+        ended = end_dead_runs(project, by="a test")
+        assert client.get_run(alive_id).info.status == "RUNNING"
+        assert client.get_run(elsewhere).info.status == "RUNNING"
+        assert client.get_run(reused).info.status == "KILLED"
+        assert len(ended) == 1 and ended[0].startswith("reused")
+    finally:
+        kill_9(alive)
