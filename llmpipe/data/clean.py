@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from llmpipe.stages import StageContext
 
 INPUT_DIR, OUTPUT_DIR = "data/raw", "data/clean"
-_HERE = Path(__file__).parent
-# Code whose change must redo finished shards (DVC reruns the stage; the fingerprint makes it redo them).
-CODE_FILES = ("clean.py", "normalize.py", "filters.py", "pii.py", "toxicity.py", "steps.py", "resources/toxic_words.txt")
 
 
 class CleanConfig(StageConfig):
@@ -152,13 +149,6 @@ def clean_shard(task: ShardTask, *, cfg: CleanConfig, root: Path) -> Counts:
 
 # -- the stage -----------------------------------------------------------------------------------------
 
-def code_hash() -> str:
-    digest = hashlib.sha256()
-    for name in CODE_FILES:
-        digest.update(name.encode() + b"\0" + (_HERE / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def run(cfg: CleanConfig, ctx: StageContext) -> dict[str, float]:
     in_dir, out_dir = ctx.path(INPUT_DIR), ctx.path(OUTPUT_DIR)
     inputs = sorted(in_dir.glob("part-*.parquet"))
@@ -167,7 +157,8 @@ def run(cfg: CleanConfig, ctx: StageContext) -> dict[str, float]:
     # Files a plugged-in scorer reads (a word list, a model) count like code: edit one, redo the shards.
     scorer_files = [sha256_file(ctx.root / v) for v in cfg.toxicity.scorer_args.values()
                     if isinstance(v, str) and (ctx.root / v).is_file()]
-    base = f"{params_hash(cfg)}:{code_hash()}:{','.join(scorer_files)}"
+    # The code fingerprint: when DVC reruns clean because its code changed, no shard of the old code counts as done.
+    base = f"{params_hash(cfg)}:{ctx.code_fingerprint}:{','.join(scorer_files)}"
     tasks = []
     for index, path in enumerate(inputs):
         fingerprint = hashlib.sha256(f"{base}:{path.name}:{sha256_file(path)}".encode()).hexdigest()[:16]

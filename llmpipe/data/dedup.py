@@ -8,7 +8,7 @@
 Phase 1, per shard in parallel (resumable): normalize every record (see `llmpipe.data.minhash`),
   hash it (128-bit xxh3 of the normalized text) and compute its MinHash signature; save them with
   the record's id, source, length and meta hash as `sketches/part-XXXXX.npz` + a completion marker
-  whose fingerprint is the signature params + this code + the input shard's sha256.
+  whose fingerprint is the signature params + the stage's code fingerprint + the input shard's sha256.
 Phase 2, global, in one process: group equal exact hashes; band the signatures of one record per
   exact group (LSH: `bands` × `rows` slots per band, bucket by sorting the band hashes), verify each
   candidate pair's estimated Jaccard against `threshold`, and join verified pairs with union-find.
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
     from llmpipe.stages import StageContext
 
 INPUT_DIR, OUTPUT_DIR = "data/clean", "data/dedup"
-# Code whose change must redo finished shards (DVC reruns the stage; the fingerprints make it redo them).
-CODE_FILES = ("dedup.py", "minhash.py")
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
 
 
@@ -323,13 +321,6 @@ def _fingerprint(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def code_hash() -> str:
-    digest = hashlib.sha256()
-    for name in CODE_FILES:
-        digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _prune_sketches(sketch_dir: Path, wanted: set[str]) -> None:
     clean_stale_temps(sketch_dir)
     for part in sketch_dir.glob("part-*.npz"):
@@ -347,7 +338,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     out_dir, sketch_dir = ctx.path(OUTPUT_DIR), ctx.path(OUTPUT_DIR) / "sketches"
     input_hashes = [sha256_file(p) for p in inputs]
     hasher = cfg.hasher()
-    code = code_hash()
+    code = ctx.code_fingerprint  # DVC reruns dedup when its code changes: then no sketch or shard counts as done
     sketch_params = {"code": code, "num_perm": cfg.num_perm, "shingle_size": cfg.shingle_size, "seed": cfg.seed}
 
     # Phase 1. A sketch task writes one file, so it is both the task's output and its "quarantine".
@@ -388,6 +379,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     metrics.update({"clusters": float(clusters.num_rows), "exact_duplicates": float(n_exact),
                     "near_duplicates": float(n_near), "candidate_pairs": float(dup.candidate_pairs),
                     "verified_pairs": float(dup.verified_pairs), "input_mb": input_mb, "mb_per_s": input_mb / elapsed,
+                    "sketches_resumed": float(sketched.stats["shards_resumed"]),
                     "sketch_mb_per_s_per_worker": input_mb / max(sketched.stats["sketch_seconds"], 1e-9)})
     report = write_report("dedup", counts, out_dir, extra=_report_section(cfg, sk, dup, clusters, metrics, elapsed))
     for artifact in (report, out_dir / "lengths.png", out_dir / "reject_reasons.png", out_dir / "clusters.parquet"):

@@ -10,8 +10,9 @@ fields of a JSONL/CSV/Parquet/HF row under `fields`. Rejects go to `data/raw/qua
 Work is planned as shards of about `shard_mb` of input each (small files grouped, big JSONL files
 cut at line starts, big Parquet files cut at row groups, archive members grouped, one shard per HF
 source) and run by `run_shards`: in parallel, and resumable. A shard's fingerprint covers the
-reading settings, its source's settings, its items and the size + mtime_ns of its input files (cheap;
-touching a file redoes its shards), so a rerun redoes exactly the shards whose inputs changed.
+reading settings, its source's settings, its items, the size + mtime_ns of its input files (cheap;
+touching a file redoes its shards) and the stage's code fingerprint, so a rerun redoes exactly the
+shards whose inputs changed, and all of them after an edit of the code dvc.yaml lists for ingest.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from llmpipe.stages import StageContext
 
 OUTPUT = "data/raw"
-PLAN_VERSION = 1  # bump when a change in reading alters what a shard holds, so old shards are redone
 PARAMS = "params.yaml: ingest"
 
 # -- config -----------------------------------------------------------------------------------------
@@ -157,14 +157,15 @@ class HFItem:
     size: int = 0
 
 
-def plan_tasks(cfg: IngestConfig, root: Path) -> list[ShardTask]:
-    """Resolve every source (a ValueError for a missing path, before any work) and cut shards."""
+def plan_tasks(cfg: IngestConfig, root: Path, code: str) -> list[ShardTask]:
+    """Resolve every source (a UserError for a missing path, before any work) and cut shards;
+    `code` is the stage's code fingerprint (`StageContext.code_fingerprint`)."""
     target = int(cfg.shard_mb * 1e6)
     groups = [group for i, src in enumerate(cfg.sources) for group in _plan_source(i, src, root, target)]
     tasks = []
     for index, group in enumerate(groups):
         output, quarantine = shard_paths(root / OUTPUT, index)
-        tasks.append(ShardTask(index, tuple(group), output, quarantine, _fingerprint(cfg, group, root)))
+        tasks.append(ShardTask(index, tuple(group), output, quarantine, _fingerprint(cfg, group, root, code)))
     return tasks
 
 
@@ -297,10 +298,10 @@ def _rel(path: Path, root: Path) -> str:
         return replace_undecodable(str(path))
 
 
-def _fingerprint(cfg: IngestConfig, items: list, root: Path) -> str:
+def _fingerprint(cfg: IngestConfig, items: list, root: Path, code: str) -> str:
     files = sorted({f for it in items for f in (it.data_files if isinstance(it, HFItem) else (it.path,))})
     stats = [(f, (st := os.stat(root / f)).st_size, st.st_mtime_ns) for f in files]
-    blob = {"version": PLAN_VERSION, "source": cfg.sources[items[0].source].model_dump(mode="json"),
+    blob = {"code": code, "source": cfg.sources[items[0].source].model_dump(mode="json"),
             "reading": cfg.model_dump(include={"decode_errors", "max_doc_chars", "max_line_chars"}),
             "items": [asdict(it) for it in items], "files": stats}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -397,7 +398,7 @@ def _unknown_format(where: Where) -> Reject:
 def run(cfg: IngestConfig, ctx: StageContext) -> dict[str, float]:
     start = time.perf_counter()
     out = ctx.path(OUTPUT)
-    tasks = plan_tasks(cfg, ctx.root)
+    tasks = plan_tasks(cfg, ctx.root, ctx.code_fingerprint)
     prune_stale(out, tasks)
     resumed = [info for t in tasks if (info := done_info(t.output)) and info.get("fingerprint") == t.fingerprint
                and t.quarantine.exists()]

@@ -1,8 +1,9 @@
 """Shard-by-shard execution for the data stages: parallel, resumable, fingerprinted.
 
 A stage splits its work into `ShardTask`s, each writing one output shard and one quarantine shard.
-A task whose completion marker carries the same fingerprint (params + inputs) is skipped on rerun,
-so a killed run resumes where it stopped and a changed setting redoes exactly the affected shards.
+A task whose completion marker carries the same fingerprint (params + inputs + the stage's code
+fingerprint) is skipped on rerun, so a killed run resumes where it stopped and a changed setting
+redoes exactly the affected shards, and changed code all of them.
 Peak memory is one shard per worker, independent of corpus size.
 """
 
@@ -30,7 +31,7 @@ class ShardTask:
     inputs: tuple[Any, ...]  # input shard paths, or source descriptors for ingest
     output: Path  # <out>/part-XXXXX.parquet
     quarantine: Path  # <out>/quarantine/part-XXXXX.parquet
-    fingerprint: str  # hash of params + inputs; a marker with another one is stale
+    fingerprint: str  # hash of params + inputs + code; a marker with another one is stale
 
 
 def shard_paths(out_dir: Path, index: int) -> tuple[Path, Path]:
@@ -61,6 +62,8 @@ def run_shards(tasks: list[ShardTask], process: Callable[[ShardTask], Counts], *
             pending.append(task)
     if len(pending) < len(tasks):
         log.info("%s: %d of %d shards already done, skipping them", stage, len(tasks) - len(pending), len(tasks))
+    # This run's own figures, not summed over markers: what a rerun after a crash or an edit redid.
+    total.stats.update(shards=len(tasks), shards_resumed=len(tasks) - len(pending))
     bar = tqdm(total=len(pending), desc=stage, unit="shard", disable=not pending)
     if workers <= 1 or len(pending) <= 1:
         for task in pending:

@@ -11,8 +11,10 @@ honest measure of compression on unseen text; a Hugging Face byte-level BPE trai
 sample is the yardstick.
 
 Both outputs are built in temp directories and renamed into place. A finished tokenizer whose
-fingerprint (settings, sample, input hash, trainer code) matches is reused on rerun, so a crash
-while encoding does not cost the training again; encoding is redone whole.
+fingerprint (settings, sample, input hash, and the stage's code fingerprint: every file dvc.yaml lists
+as its code) matches is reused on rerun, so a crash while encoding does not cost the training again,
+while an edit of the stage's code trains anew. Encoding is redone whole on every run, so it has no
+fingerprint of its own.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from llmpipe.config import StageConfig
 from llmpipe.io import atomic_path, read_json, sha256_file, write_json_atomic
-from llmpipe.stages import StageContext
 from llmpipe.tokenizer import encode, train
 from llmpipe.tokenizer.tokenizer import META_FILE, MODEL_FILE, SPECIAL_TOKENS, Tokenizer
+
+if TYPE_CHECKING:
+    from llmpipe.stages import StageContext
 
 INPUT = "data/dedup"
 MODEL_DIR = "models/tokenizer"
@@ -175,7 +180,7 @@ def _train_or_reuse(cfg: TokenizerConfig, ctx: StageContext, sample: TrainingSam
     """Write models/tokenizer/ (temp dir, then rename) unless a finished one has our fingerprint."""
     options = train.trainer_options(cfg.vocab_size, cfg.character_coverage, num_threads=0)
     del options["num_threads"], options["minloglevel"]  # how, not what: not part of the result
-    fingerprint = _fingerprint(cfg, options, source_hash)
+    fingerprint = _fingerprint(cfg, options, source_hash, ctx.code_fingerprint)
     if _reusable(model_dir, fingerprint):
         ctx.log.info("reusing %s: trained with the same settings on the same input", model_dir)
         return {"tokenizer_reused": 1.0, "train_time_s": 0.0}
@@ -213,12 +218,12 @@ def _check_corpus(cfg: TokenizerConfig, sample: TrainingSample) -> None:
                          f"of {where} into the val split: raise tokenizer.val_ratio in params.yaml or add data")
 
 
-def _fingerprint(cfg: TokenizerConfig, options: dict, source_hash: str) -> str:
+def _fingerprint(cfg: TokenizerConfig, options: dict, source_hash: str, code: str) -> str:
     import sentencepiece
 
     data = {"options": options, "val_ratio": cfg.val_ratio, "train_max_chars": cfg.train_max_chars,
             "source_hash": source_hash, "sentencepiece": sentencepiece.__version__,
-            "code": sha256_file(train.__file__), "format": TOKENIZER_FORMAT}
+            "code": code, "format": TOKENIZER_FORMAT}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -15,7 +15,8 @@ from llmpipe.data import dedup
 from llmpipe.data.accounting import Record, content_id, write_records
 from llmpipe.data.dedup import DedupConfig
 from llmpipe.io import read_json
-from llmpipe.stages import StageContext, run_stage
+from llmpipe.stages import run_stage
+from tests.data.code_project import stage_context
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = [f"{a}{b}{c}" for a in "bcdfghklmnprstvz" for b in "aeiou" for c in "lmnrst"]  # 480 words
@@ -64,7 +65,7 @@ def write_clean(root: Path, records: list[Record], per_shard: int) -> None:
 
 def run_dedup(root: Path, monkeypatch, workers: int = 1, **overrides) -> dict[str, float]:
     monkeypatch.setenv("LLMPIPE_WORKERS", str(workers))
-    return dedup.run(DedupConfig(**overrides), StageContext(root=root, name="dedup"))
+    return dedup.run(DedupConfig(**overrides), stage_context(root, "dedup"))
 
 
 def outputs(root: Path) -> tuple[list[dict], list[dict]]:
@@ -155,8 +156,10 @@ def test_rerun_after_a_crash_reuses_finished_sketches(tmp_path, monkeypatch, cor
     calls.clear()
     first = run_dedup(tmp_path, monkeypatch)
     assert calls == [3, 4, 5]  # shards 0-2 were sketched before the crash
+    assert first["sketches_resumed"] == 3 and first["shards_resumed"] == 0
     calls.clear()
-    assert run_dedup(tmp_path, monkeypatch) == {**first, "mb_per_s": pytest.approx(first["mb_per_s"], rel=100)}
+    assert run_dedup(tmp_path, monkeypatch) == {**first, "mb_per_s": pytest.approx(first["mb_per_s"], rel=100),
+                                                "sketches_resumed": 6, "shards_resumed": 6}
     assert calls == []
     # A changed input shard is re-sketched alone, and the output is redone (duplicates are global).
     write_records(tmp_path / "data" / "clean" / "part-00005.parquet", [rec("something else entirely")])

@@ -21,7 +21,8 @@ from llmpipe.data import ingest
 from llmpipe.data.accounting import Counts, content_id
 from llmpipe.data.shards import run_shards
 from llmpipe.io import done_info
-from llmpipe.stages import StageContext, run_stage
+from llmpipe.stages import run_stage
+from tests.data.code_project import stage_context
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +50,7 @@ def make_tar(path: Path, members: dict[str, bytes]) -> Path:
 
 def ingest_run(root: Path, sources: list[dict], **settings) -> dict[str, float]:
     cfg = ingest.IngestConfig.model_validate({"sources": sources, **settings})
-    return ingest.run(cfg, StageContext(root=root, name="ingest"))
+    return ingest.run(cfg, stage_context(root, "ingest"))
 
 
 def outputs(root: Path) -> tuple[list[dict], list[dict]]:
@@ -200,7 +201,8 @@ def test_killed_run_resumes_only_missing_shards(tmp_path, monkeypatch):
         write(root / "docs" / f"{i}.txt", f"document {i} " * 100)
     sources = [{"name": "docs", "type": "files", "path": "docs"}]
     cfg = ingest.IngestConfig.model_validate({"sources": sources, "shard_mb": 500 / 1e6})
-    tasks = ingest.plan_tasks(cfg, root)
+    ctx = stage_context(root, "ingest")
+    tasks = ingest.plan_tasks(cfg, root, ctx.code_fingerprint)
     assert len(tasks) == 5
 
     def dies_on_shard_3(task):
@@ -221,18 +223,18 @@ def test_killed_run_resumes_only_missing_shards(tmp_path, monkeypatch):
         return real(task, cfg, root)
 
     monkeypatch.setattr(ingest, "process_task", recording)
-    metrics = ingest.run(cfg, StageContext(root=root, name="ingest"))
+    metrics = ingest.run(cfg, ctx)
     assert processed == [3, 4] and metrics["shards_resumed"] == 3 and metrics["records_kept"] == 5
     resumed = shard_bytes(root)
 
     # Changing one input redoes its shard only; the output equals a fresh run's.
     write(root / "docs" / "1.txt", "document 1 changed")
     processed.clear()
-    ingest.run(cfg, StageContext(root=root, name="ingest"))
+    ingest.run(cfg, ctx)
     assert processed == [1]
     write(root / "docs" / "1.txt", "document 1 " * 100)
     shutil.rmtree(root / "data" / "raw")
-    ingest.run(cfg, StageContext(root=root, name="ingest"))
+    ingest.run(cfg, ctx)
     assert shard_bytes(root) == resumed
 
 

@@ -15,6 +15,7 @@ import yaml
 from llmpipe.stages import run_stage
 from llmpipe.tokenizer import Tokenizer, encode, open_split
 from llmpipe.tokenizer.encode import RoundTripError, is_val
+from tests.data.code_project import code_project, edit_code
 from tests.tokenizer.synthetic import doc_id, make_corpus, write_dedup_parts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -178,3 +179,17 @@ def test_rerun_after_a_crash_while_encoding_finishes_with_the_same_bytes(tmp_pat
     assert not (root / "data" / "tokens").exists() and not list(root.rglob(".tmp-*"))
     assert run_stage("tokenizer", root)["tokenizer_reused"] == 1
     assert _outputs(root) == _outputs(clean)
+
+
+def test_an_edit_of_the_stages_code_trains_anew_and_an_edit_elsewhere_reuses(tmp_path, docs):
+    """The reuse fingerprint holds the code dvc.yaml lists for the stage, hashed in the project
+    (where DVC sees it): DVC reruns the stage for such an edit, and the old tokenizer must not pass."""
+    root = code_project(tmp_path / "proj", {"tokenizer": {**SETTINGS, "reference": False}})
+    write_dedup_parts(root, docs)
+    assert run_stage("tokenizer", root)["tokenizer_reused"] == 0
+    model = (root / "models" / "tokenizer" / "tokenizer.model").read_bytes()
+    edit_code(root, "llmpipe/train/loop.py")
+    assert run_stage("tokenizer", root)["tokenizer_reused"] == 1
+    edit_code(root, "llmpipe/tokenizer/encode.py")
+    assert run_stage("tokenizer", root)["tokenizer_reused"] == 0
+    assert (root / "models" / "tokenizer" / "tokenizer.model").read_bytes() == model  # same code, same model
