@@ -6,15 +6,20 @@ A checkpoint is a directory:
     config.json          the ModelConfig (`ModelConfig.from_dict` rebuilds the model)
     tokenizer.json       a reference to the tokenizer it was trained with: {"hash", "vocab_size", ...}
     trainer_state.pt     only for resumable checkpoints: optimizer, schedule, RNG states, data position, step
-    checkpoint.json      the completion marker (step, val loss, ...), written last
+    checkpoint.json      the completion marker (step, val loss, training data, ...), written last, with the
+                         sha256 and size of every other file ("files")
 
 It is written under a `.tmp-*` name and renamed into place, so a crash mid-save leaves the previous
-checkpoints untouched; a `step-*` folder without its marker is ignored anyway.
+checkpoints untouched; a `step-*` folder without its marker is ignored anyway. Loading checks every
+file against the marker's hashes, so a file truncated or changed after the save (a full disk, a bad
+copy) is refused by name instead of crashing deep inside safetensors or torch.load; resuming then
+falls back to the newest checkpoint that is intact.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -24,12 +29,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmpipe.io import atomic_path
+from llmpipe.errors import UserError
+from llmpipe.io import atomic_path, sha256_file
 from llmpipe.model import GPT, ModelConfig
+
+log = logging.getLogger("llmpipe.train")
 
 WEIGHTS, CONFIG, TOKENIZER, STATE, MARKER = (
     "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "checkpoint.json")
 STEP_DIR = re.compile(r"^step-(\d+)$")
+CORRUPT_SUFFIX = ".corrupt"  # a corrupt step-* folder set aside: no longer a checkpoint to resume or keep
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file is missing or differs from the hash its marker recorded."""
+
+    def __init__(self, problem: str):
+        self.problem = problem  # what and where, without the advice (the resume warning gives its own)
+        super().__init__(f"{problem}; this checkpoint cannot be used: load an older one, or rerun the stage "
+                         f"that wrote it")
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:
@@ -67,8 +85,70 @@ def save_checkpoint(directory: Path | str, state_dict: dict[str, torch.Tensor], 
         _write_json(tmp / TOKENIZER, tokenizer)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE)
-        _write_json(tmp / MARKER, {**meta, "resumable": trainer_state is not None})
+        _write_json(tmp / MARKER, {**meta, "resumable": trainer_state is not None, "files": _file_records(tmp)})
     return directory
+
+
+def _file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """{name: {"sha256", "bytes"}} of every file of a checkpoint but its marker."""
+    return {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+            for f in sorted(directory.iterdir()) if f.is_file() and f.name != MARKER}
+
+
+_unverifiable_warned: set[str] = set()
+
+
+def verify_checkpoint(path: Path | str) -> dict[str, Any]:
+    """The marker of `path`, after checking every file it lists; CorruptCheckpoint names the first bad one.
+
+    A marker without "files" (written before checkpoints recorded hashes) is accepted with a warning."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+    except (OSError, ValueError) as exc:  # missing, or JSON cut short
+        raise CorruptCheckpoint(f"{path / MARKER}: unreadable ({exc})") from exc
+    records = meta.get("files")
+    if records is None:
+        if str(path) not in _unverifiable_warned:
+            _unverifiable_warned.add(str(path))
+            log.warning("%s: saved before checkpoints recorded file hashes; its files cannot be verified", path)
+        return meta
+    for name, record in sorted(records.items()):
+        problem = _file_problem(path / name, record)
+        if problem:
+            raise CorruptCheckpoint(problem)
+    return meta
+
+
+def _file_problem(file: Path, record: dict[str, Any]) -> str | None:
+    if not file.is_file():
+        return f"{file}: missing, but {MARKER} lists it"
+    size = file.stat().st_size
+    if size != record["bytes"]:  # the cheap check first: a truncated file needs no hashing
+        return f"{file}: {size} bytes, but {MARKER} recorded {record['bytes']} (truncated or replaced after the save)"
+    digest = sha256_file(file)
+    if digest != record["sha256"]:
+        return f"{file}: sha256 {digest[:16]}... differs from {record['sha256'][:16]}... recorded in {MARKER}"
+    return None
+
+
+def newest_intact_checkpoint(checkpoints: Path | str) -> Path | None:
+    """The newest `step-*` checkpoint whose files match its marker, or None.
+
+    Each newer corrupt one is renamed to `step-XXXXXX.corrupt` with a warning naming it: it cannot be
+    resumed, and left in place it would count as one of the newest for `prune_checkpoints`, which could
+    then delete the intact checkpoint the run resumed from."""
+    for path in reversed(list_checkpoints(checkpoints)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CorruptCheckpoint as exc:
+            aside = path.with_name(path.name + CORRUPT_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)  # an older copy set aside at the same step
+            path.rename(aside)
+            log.warning("skipping corrupt checkpoint %s (%s): moved it to %s, delete that when you no longer "
+                        "need it; resuming from an older checkpoint", path, exc.problem, aside.name)
+    return None
 
 
 def list_checkpoints(checkpoints: Path | str) -> list[Path]:
@@ -133,13 +213,16 @@ def resolve(path: Path | str) -> Path:
         return path / "final"
     latest = latest_checkpoint(path / "checkpoints")
     if latest is None:
-        raise ValueError(f"{path}: no complete checkpoint here (expected {MARKER}, final/ or checkpoints/step-*)")
+        raise UserError(f"{path}: no complete checkpoint here (expected {MARKER}, final/ or checkpoints/step-*)")
     return latest
 
 
 def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tuple[GPT, ModelConfig, dict[str, Any]]:
-    """Rebuild the model of a checkpoint: (model in eval mode, its config, meta incl. the tokenizer reference)."""
+    """Rebuild the model of a checkpoint: (model in eval mode, its config, meta incl. the tokenizer reference).
+
+    CorruptCheckpoint (a UserError naming the file) if a file differs from what its marker recorded."""
     path = resolve(path)
+    verify_checkpoint(path)
     cfg = read_model_config(path)
     model = GPT(cfg)
     model.load_state_dict(load_weights(path))
@@ -148,8 +231,12 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tup
     return model, cfg, meta
 
 
-def check_compatible(path: Path, model_cfg: ModelConfig, tokenizer_hash: str) -> None:
-    """ValueError listing every difference that makes resuming `path` with this model/tokenizer wrong."""
+def check_compatible(path: Path, model_cfg: ModelConfig, tokenizer_hash: str, data: dict[str, Any] | None = None,
+                     start_over: Path | None = None) -> None:
+    """UserError listing every difference that makes resuming `path` with this model, tokenizer and data wrong.
+
+    `data` is what the run records about its training data (`{"sha256": ..., "num_windows": ...}`);
+    `start_over` is the folder the message tells the user to delete (default: the checkpoints folder)."""
     saved = read_model_config(path).to_dict()
     wanted = model_cfg.to_dict()
     # the attention kernel is a runtime choice; everything else changes the function or the shapes
@@ -158,9 +245,23 @@ def check_compatible(path: Path, model_cfg: ModelConfig, tokenizer_hash: str) ->
     saved_hash = read_tokenizer_ref(path).get("hash")
     if saved_hash != tokenizer_hash:
         diffs.append(f"tokenizer hash: checkpoint {saved_hash!r} != data {tokenizer_hash!r}")
+    diffs += _data_diffs(path, data or {})
     if diffs:
-        raise ValueError(f"cannot resume from {path}: it was trained with a different setup:\n  " + "\n  ".join(diffs)
-                         + f"\nRestore the old settings, or delete {path.parent} to start from scratch.")
+        raise UserError(f"cannot resume from {path}: it was trained with a different setup:\n  " + "\n  ".join(diffs)
+                        + f"\nRestore the old settings and data to continue it, or delete {start_over or path.parent} "
+                        f"to start from scratch.")
+
+
+def _data_diffs(path: Path, data: dict[str, Any]) -> list[str]:
+    saved = read_meta(path).get("data")
+    if saved is None:
+        if data:
+            log.warning("%s: saved before checkpoints recorded their training data; cannot check that it is the same",
+                        path)
+        return []
+    where = f" ({data['dir']})" if data.get("dir") else ""
+    return [f"training data {key}{where}: checkpoint {saved.get(key)!r} != now {data[key]!r}"
+            for key in sorted(data) if key != "dir" and saved.get(key) != data[key]]
 
 
 # -- RNG state (weights_only-loadable: tensors and plain Python values only) -----------------------

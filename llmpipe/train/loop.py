@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from llmpipe.errors import UserError
 from llmpipe.io import clean_stale_temps
 from llmpipe.model import GPT, ModelConfig
 from llmpipe.model.flops import detect_peak_flops, mfu
@@ -71,7 +72,7 @@ class TrainConfig:
         per_pass = self.micro_batch * self.seq_len * world_size
         if self.global_batch_tokens % per_pass:
             near = max(1, round(self.global_batch_tokens / per_pass)) * per_pass
-            raise ValueError(f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of micro_batch x "
+            raise UserError(f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of micro_batch x "
                              f"seq_len x world_size = {self.micro_batch} x {self.seq_len} x {world_size} = {per_pass} "
                              f"(e.g. {near})")
         return self.global_batch_tokens // per_pass
@@ -85,17 +86,21 @@ class Sampler:
     eos_id: int | None = None
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(UserError):
     """Loss or gradient norm is nan/inf: the step was not applied (usually the lr is too high)."""
 
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, train: TokenWindows, val: TokenWindows,
                  out_dir: Path, tokenizer_ref: dict[str, Any], bytes_per_token: float, tracker: Any = None,
-                 world: ddist.World = ddist.World(), sampler: Sampler | None = None):
+                 world: ddist.World = ddist.World(), sampler: Sampler | None = None,
+                 data_ref: dict[str, Any] | None = None):
+        """`data_ref` identifies the training data (e.g. {"dir", "sha256"} of the token shards); with the
+        window count it goes into every checkpoint, and resuming on other data is refused."""
         self.model_cfg, self.cfg, self.world, self.tracker, self.sampler = model_cfg, cfg, world, tracker, sampler
         self.out_dir, self.ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
         self.tokenizer_ref, self.bytes_per_token = tokenizer_ref, bytes_per_token
+        self.data_ref = {**(data_ref or {}), "num_windows": train.num_windows}
         self.device = world.device
         self.accum = cfg.accum_steps(world.world_size)
         self.batches = TrainBatches(train, cfg.micro_batch, cfg.seed, self.accum, world.rank)
@@ -181,7 +186,7 @@ class Trainer:
                      "data": {"seed": self.cfg.seed, "step": self.step, "num_windows": self.batches.windows.num_windows},
                      "train_config": asdict(self.cfg)}
             meta = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val_loss,
-                    "train_loss": self.last.get("train/loss"), "saved_at": time.time()}
+                    "train_loss": self.last.get("train/loss"), "saved_at": time.time(), "data": self.data_ref}
             path = ckpt.save_checkpoint(ckpt.step_dir(self.ckpt_dir, self.step), model_state, self.model_cfg,
                                         self.tokenizer_ref, meta, state, self.aliases)
             ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.keep_last)
@@ -194,31 +199,32 @@ class Trainer:
         final = self.out_dir / "final"
         if self.world.is_main:
             meta = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": self.last.get("val/loss"),
-                    "train_loss": self.last.get("train/loss"), "saved_at": time.time()}
+                    "train_loss": self.last.get("train/loss"), "saved_at": time.time(), "data": self.data_ref}
             ckpt.save_checkpoint(final, model_state, self.model_cfg, self.tokenizer_ref, meta, None, self.aliases)
         ddist.barrier()
         return final
 
     def resume(self) -> int:
-        """Load the newest complete checkpoint, if any (rank 0 reads; the helpers broadcast); returns its step."""
+        """Load the newest intact checkpoint, if any (rank 0 reads; the helpers broadcast); returns its step."""
         info, weights, state = None, {}, {}
         if self.world.is_main:
             clean_stale_temps(self.ckpt_dir)  # half-written checkpoints of a killed run
-            path = ckpt.latest_checkpoint(self.ckpt_dir)
+            path = ckpt.newest_intact_checkpoint(self.ckpt_dir)  # corrupt newer ones: warned about, set aside
             if path is not None:
                 try:
-                    ckpt.check_compatible(path, self.model_cfg, self.tokenizer_ref.get("hash"))
+                    ckpt.check_compatible(path, self.model_cfg, self.tokenizer_ref.get("hash"), self.data_ref,
+                                          start_over=self.out_dir)
                     weights, state = ckpt.load_weights(path), ckpt.load_trainer_state(path)
                     info = {"path": str(path), "step": state["step"], "tokens_seen": state["tokens_seen"],
                             "best_val": state["best_val_loss"], "train_time": state["train_time_s"],
                             "meta": ckpt.read_meta(path)}
-                except ValueError as exc:
+                except UserError as exc:
                     info = {"error": str(exc)}
         info = ddist.broadcast_object(info)  # every rank raises or resumes together
         if info is None:
             return 0
         if "error" in info:
-            raise ValueError(info["error"])
+            raise UserError(info["error"])
         ddist.load_model_state(self.model, weights)
         ddist.load_optimizer_state(self.model, self.opt, state.get("optimizer", {}))
         for group, fresh in zip(self.opt.param_groups, self.model.param_groups(self.cfg.weight_decay)):

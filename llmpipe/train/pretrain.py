@@ -14,16 +14,22 @@ with --result, writes the final metrics there.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from llmpipe.errors import UserError
+from llmpipe.io import sha256_file
 from llmpipe.model import ModelConfig
 from llmpipe.train import distributed as ddist
 from llmpipe.train.data import TokenWindows
 from llmpipe.train.loop import Sampler, TrainConfig, Trainer
+
+if TYPE_CHECKING:
+    from llmpipe.tokenizer.shards import TokenSplit
 
 log = logging.getLogger("llmpipe.train")
 
@@ -38,16 +44,18 @@ def train(resolved: dict[str, Any], tracker: Any = None) -> dict[str, float]:
     train_split, val_split = open_split(root / resolved["train_dir"]), open_split(root / resolved["val_dir"])
     tokenizer_ref = tokenizer_reference(train_split.meta, val_split.meta, resolved["tokenizer_dir"])
     if model_cfg.vocab_size != tokenizer_ref["vocab_size"]:
-        raise ValueError(f"model vocab_size {model_cfg.vocab_size} != tokenizer vocab_size "
+        raise UserError(f"model vocab_size {model_cfg.vocab_size} != tokenizer vocab_size "
                          f"{tokenizer_ref['vocab_size']} ({resolved['train_dir']}/meta.json)")
     bytes_per_token = val_split.meta["num_bytes"] / val_split.meta["num_tokens"]
     world = ddist.init(resolved.get("device", "auto"))
     try:
+        # only rank 0 writes and resumes checkpoints, so only it reads every shard to hash them
+        data_ref = {"dir": resolved["train_dir"], "sha256": tokens_hash(train_split)} if world.is_main else None
         trainer = Trainer(model_cfg, cfg, TokenWindows(train_split.shards, cfg.seq_len, resolved["train_dir"]),
                           TokenWindows(val_split.shards, cfg.seq_len, resolved["val_dir"]),
                           root / resolved["out_dir"], tokenizer_ref, bytes_per_token, tracker, world,
                           make_sampler(root / resolved["tokenizer_dir"], resolved.get("sample_prompt", ""))
-                          if cfg.sample_tokens else None)
+                          if cfg.sample_tokens else None, data_ref)
         if world.is_main:
             log.info("model %s params, %d steps of %d tokens (accum %d x %d ranks), device %s",
                      f"{trainer.model.num_params():,}", cfg.max_steps, cfg.global_batch_tokens, trainer.accum,
@@ -60,10 +68,21 @@ def train(resolved: dict[str, Any], tracker: Any = None) -> dict[str, float]:
 def tokenizer_reference(train_meta: dict, val_meta: dict, tokenizer_dir: str) -> dict[str, Any]:
     """What a checkpoint records about its tokenizer (checked on resume and by later stages)."""
     if train_meta["tokenizer_hash"] != val_meta["tokenizer_hash"]:
-        raise ValueError("train and val token shards were made by different tokenizers "
+        raise UserError("train and val token shards were made by different tokenizers "
                          f"({train_meta['tokenizer_hash']} vs {val_meta['tokenizer_hash']}): rerun the tokenizer stage")
     return {"hash": train_meta["tokenizer_hash"], "dir": tokenizer_dir, "vocab_size": train_meta["vocab_size"],
             **{k: train_meta.get(k) for k in ("eos_id", "bos_id", "pad_id")}}
+
+
+def tokens_hash(split: TokenSplit) -> str:
+    """sha256 over the names and contents of a split's shards, in meta.json's order: the tokens trained on.
+
+    meta.json's own hashes describe the tokenizer and the text it encoded, not the tokens: shards
+    rewritten under an unchanged tokenizer would keep them."""
+    digest = hashlib.sha256()
+    for entry in split.meta["shards"]:
+        digest.update(entry["file"].encode() + b"\0" + bytes.fromhex(sha256_file(split.path / entry["file"])))
+    return digest.hexdigest()
 
 
 def make_sampler(tokenizer_dir: Path, prompt: str) -> Sampler | None:

@@ -35,12 +35,14 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from llmpipe.config import StageConfig
+from llmpipe.errors import UserError
 from llmpipe.io import read_json, write_json_atomic, write_text_atomic
 from llmpipe.model import ModelConfig
-from llmpipe.stages import StageContext
+from llmpipe.stages import StageContext, code_deps, code_fingerprint
 from llmpipe.train import checkpoint as ckpt
 from llmpipe.train.loop import TrainConfig, truncate_jsonl
 
+STAGE = "pretrain"
 TOKENS, TOKENIZER, OUT, PLOT = "data/tokens", "models/tokenizer", "models/pretrain", "plots/pretrain_loss.csv"
 
 
@@ -108,11 +110,11 @@ def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
     """params.yaml's section -> the plain JSON the training entry point reads (no pydantic there)."""
     meta_path = root / TOKENS / "train" / "meta.json"
     if not meta_path.exists():
-        raise ValueError(f"{meta_path} not found: run the tokenizer stage first")
+        raise UserError(f"{meta_path} not found: run the tokenizer stage first")
     meta = read_json(meta_path)
     tok_file = root / TOKENIZER / "tokenizer.json"
     if not tok_file.exists() or read_json(tok_file).get("hash") != meta["tokenizer_hash"]:
-        raise ValueError(f"{tok_file} is missing or disagrees with {meta_path} on the tokenizer hash: "
+        raise UserError(f"{tok_file} is missing or disagrees with {meta_path} on the tokenizer hash: "
                          f"rerun the tokenizer stage")
     sizes = {k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")}
     model = ModelConfig.from_preset(cfg.preset, meta["vocab_size"], max_seq_len=cfg.seq_len,
@@ -123,7 +125,7 @@ def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
     TrainConfig(**train).accum_steps(cfg.nproc_per_node)  # a batch that does not divide fails here, early
     return {"root": str(root.resolve()), "train_dir": f"{TOKENS}/train", "val_dir": f"{TOKENS}/val",
             "tokenizer_dir": TOKENIZER, "out_dir": OUT, "device": cfg.device, "model": model.to_dict(),
-            "train": train, "sample_prompt": cfg.sample_prompt}
+            "train": train, "sample_prompt": cfg.sample_prompt, "code": code_fingerprint(root, STAGE)}
 
 
 # Settings a rerun may change and still continue the same run from its newest checkpoint: more steps,
@@ -133,19 +135,34 @@ CONTINUABLE = {"max_steps", "eval_every", "eval_batches", "checkpoint_every", "k
 
 
 def check_continuation(root: Path, resolved: dict[str, Any]) -> None:
-    """Refuse to resume checkpoints that another training setup produced.
+    """Refuse to resume checkpoints that another training setup or other code produced.
 
-    DVC reruns this stage when any pretrain param changes; the persisted checkpoints then belong to the
-    old setup, and continuing them would record a model the new params never trained."""
+    DVC reruns this stage when any pretrain param or code dep changes; the persisted checkpoints then
+    belong to the old setup, and continuing them would record a model the new params and code never
+    trained. (The model shape, tokenizer and data are checked again by the trainer, on every rank's
+    behalf, when it loads a checkpoint.)"""
     previous = root / OUT / "resolved_config.json"
     if not previous.exists() or ckpt.latest_checkpoint(root / OUT / "checkpoints") is None:
         return
-    old, new = read_json(previous)["train"], resolved["train"]
-    diffs = [f"pretrain.{k}: checkpoints {old.get(k)!r} != params.yaml {new.get(k)!r}"
-             for k in sorted(set(old) | set(new)) if k not in CONTINUABLE and old.get(k) != new.get(k)]
+    old = read_json(previous)
+    diffs = _settings_diffs(old["train"], resolved["train"]) + _code_diffs(root, old.get("code"), resolved["code"])
     if diffs:
-        raise ValueError(f"{root / OUT / 'checkpoints'} holds a run trained with other settings:\n  " + "\n  ".join(diffs)
-                         + f"\nRestore those settings to continue it, or delete {root / OUT} to train from scratch.")
+        raise UserError(f"{root / OUT / 'checkpoints'} holds a run trained with other settings or code:\n  "
+                        + "\n  ".join(diffs) + f"\nRestore them to continue it, or delete {root / OUT} to train "
+                        f"from scratch.")
+
+
+def _settings_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"pretrain.{k}: checkpoints {old.get(k)!r} != params.yaml {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if k not in CONTINUABLE and old.get(k) != new.get(k)]
+
+
+def _code_diffs(root: Path, old: str | None, new: str) -> list[str]:
+    if old == new:
+        return []
+    deps = ", ".join(code_deps(root, STAGE))
+    then = "not recorded (saved by an older llmpipe)" if old is None else repr(old)
+    return [f"code ({deps}, the pretrain code deps in dvc.yaml): checkpoints {then} != now {new!r}"]
 
 
 def write_resolved_config(cfg: PretrainConfig, root: Path) -> tuple[Path, dict[str, Any]]:
@@ -187,7 +204,7 @@ def _torchrun(cfg: PretrainConfig, ctx: StageContext, config_file: Path) -> dict
     out = config_file.parent
     result = out / "result.json"
     result.unlink(missing_ok=True)
-    latest = ckpt.latest_checkpoint(out / "checkpoints")
+    latest = ckpt.newest_intact_checkpoint(out / "checkpoints")  # what rank 0 will resume from
     start = ckpt.read_meta(latest)["step"] if latest else 0
     log_file = out / "metrics.jsonl"
     truncate_jsonl(log_file, start)  # what the trainer does on resume; then only new lines appear
@@ -267,4 +284,4 @@ if __name__ == "__main__":  # multi-node: write the config every node's torchrun
     from llmpipe.io import project_root
 
     root = project_root()
-    print(write_resolved_config(load_stage_config(PretrainConfig, "pretrain", root / "params.yaml"), root)[0])
+    print(write_resolved_config(load_stage_config(PretrainConfig, STAGE, root / "params.yaml"), root)[0])

@@ -1,8 +1,10 @@
 import json
+import logging
 
 import pytest
 import torch
 
+from llmpipe.errors import UserError
 from llmpipe.model import GPT, ModelConfig
 from llmpipe.train import checkpoint as ckpt
 
@@ -69,7 +71,7 @@ def test_prune_keeps_the_last_k_and_the_best_by_val_loss(tmp_path):
 def test_resuming_with_another_shape_or_tokenizer_lists_every_difference(tmp_path):
     save(tmp_path / "step-000004", GPT(CFG), 4)
     other = ModelConfig.from_preset("tiny", 64, n_layer=2, d_model=128, max_seq_len=16)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         ckpt.check_compatible(tmp_path / "step-000004", other, "tok-b")
     msg = str(err.value)
     for needle in ("n_layer: checkpoint 1 != config 2", "d_model: checkpoint 64 != config 128",
@@ -90,3 +92,78 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert json.loads((save(tmp_path / "c", GPT(CFG), 1) / ckpt.MARKER).read_text())["resumable"] is True
+
+
+def truncate(file, keep: float = 0.5) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_the_marker_records_the_hash_and_size_of_every_other_file(tmp_path):
+    import hashlib
+
+    path = save(tmp_path / "step-000002", GPT(CFG), 2)
+    files = ckpt.read_meta(path)["files"]
+    assert set(files) == {ckpt.WEIGHTS, ckpt.CONFIG, ckpt.TOKENIZER, ckpt.STATE}
+    for name, record in files.items():
+        data = (path / name).read_bytes()
+        assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+
+
+@pytest.mark.parametrize("name, damage", [(ckpt.WEIGHTS, "truncate"), (ckpt.STATE, "flip"), (ckpt.CONFIG, "delete")])
+def test_loading_a_corrupt_checkpoint_is_a_user_error_naming_the_file(tmp_path, name, damage):
+    path = save(tmp_path / "run" / "checkpoints" / "step-000002", GPT(CFG), 2)
+    file = path / name
+    if damage == "truncate":
+        truncate(file)
+    elif damage == "flip":  # same size, one byte changed: only the hash can tell
+        data = bytearray(file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        file.write_bytes(bytes(data))
+    else:
+        file.unlink()
+    with pytest.raises(UserError) as err:
+        ckpt.load_checkpoint(tmp_path / "run")
+    assert str(file) in str(err.value) and "cannot be used" in str(err.value)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_sets_it_aside(tmp_path, caplog):
+    model = GPT(CFG)
+    save(tmp_path / "step-000004", model, 4)
+    good = save(tmp_path / "step-000008", model, 8)
+    bad = save(tmp_path / "step-000012", model, 12)
+    truncate(bad / ckpt.WEIGHTS)
+    with caplog.at_level(logging.WARNING, logger="llmpipe.train"):
+        assert ckpt.newest_intact_checkpoint(tmp_path) == good
+    assert "skipping corrupt checkpoint" in caplog.text and str(bad) in caplog.text and ckpt.WEIGHTS in caplog.text
+    # set aside, so pruning after the next save cannot keep it as "newest" and delete the good one
+    assert (tmp_path / "step-000012.corrupt").is_dir() and not bad.exists()
+    ckpt.prune_checkpoints(tmp_path, keep_last=1)
+    assert ckpt.list_checkpoints(tmp_path) == [good]
+
+
+def test_a_checkpoint_saved_before_file_hashes_loads_with_one_warning(tmp_path, caplog):
+    path = save(tmp_path / "step-000004", GPT(CFG), 4)
+    meta = ckpt.read_meta(path)
+    del meta["files"]
+    (path / ckpt.MARKER).write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="llmpipe.train"):
+        assert ckpt.newest_intact_checkpoint(tmp_path) == path
+        assert ckpt.load_checkpoint(path)[2]["step"] == 4
+    warnings = [r.getMessage() for r in caplog.records if "cannot be verified" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0]
+
+
+def test_resuming_on_other_training_data_names_what_changed(tmp_path):
+    model = GPT(CFG)
+    path = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints" / "step-000004", model.state_dict(), CFG, TOK,
+                                {"step": 4, "data": {"dir": "data/tokens/train", "sha256": "aaa", "num_windows": 100}},
+                                {"step": 4}, ckpt.tied_aliases(model))
+    ckpt.check_compatible(path, CFG, "tok-a", {"dir": "data/tokens/train", "sha256": "aaa", "num_windows": 100})
+    with pytest.raises(UserError) as err:
+        ckpt.check_compatible(path, CFG, "tok-a", {"dir": "data/tokens/train", "sha256": "bbb", "num_windows": 90},
+                              start_over=tmp_path / "run")
+    msg = str(err.value)
+    assert "training data sha256 (data/tokens/train): checkpoint 'aaa' != now 'bbb'" in msg
+    assert "training data num_windows (data/tokens/train): checkpoint 100 != now 90" in msg
+    assert f"delete {tmp_path / 'run'} to start from scratch" in msg

@@ -1,6 +1,7 @@
 """The training loop in one process: golden losses, the NaN guard, resume checks, accumulation errors."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ from llmpipe.train import checkpoint as ckpt
 from llmpipe.train.data import TokenWindows
 from llmpipe.train.loop import NonFiniteError, TrainConfig, Trainer
 from llmpipe.train.pretrain import train
-from tests.train.synthetic import markov_tokens, resolved_config, write_tokens
+from llmpipe.errors import UserError
+from tests.train.synthetic import markov_tokens, resolved_config, write_split, write_tokens
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "pretrain_tiny_cpu.json"
 
@@ -64,10 +66,27 @@ def test_resume_with_another_model_shape_or_tokenizer_is_refused_with_the_differ
     wider = small_trainer(tmp_path, max_steps=8)
     wider.model_cfg = ModelConfig.from_preset("tiny", 256, n_layer=1, d_model=128, max_seq_len=32)
     wider.tokenizer_ref = {"hash": "other-tok", "vocab_size": 256}
-    with pytest.raises(ValueError, match="cannot resume") as err:
+    with pytest.raises(UserError, match="cannot resume") as err:
         wider.fit()
     assert "d_model: checkpoint 64 != config 128" in str(err.value)
     assert "tokenizer hash: checkpoint 'tok' != data 'other-tok'" in str(err.value)
+
+
+@pytest.mark.parametrize("n_tokens", [60_000, 50_000], ids=["same-length", "shorter"])
+def test_resuming_on_other_token_shards_is_refused_naming_what_changed(tmp_path, n_tokens):
+    write_tokens(tmp_path)
+    train(resolved_config(tmp_path, train={"max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2, "eval_every": 2}))
+    # the tokenizer stage rewrote the shards with other tokens under the same tokenizer (same meta hashes)
+    train_dir = tmp_path / "data" / "tokens" / "train"
+    shutil.rmtree(train_dir)
+    write_split(train_dir, markov_tokens(n_tokens, 256, seed=9), 256)
+    with pytest.raises(UserError) as err:
+        train(resolved_config(tmp_path, train={"max_steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "eval_every": 2}))
+    msg = str(err.value)
+    assert "cannot resume from" in msg and "step-000002" in msg
+    assert "training data sha256 (data/tokens/train): checkpoint '" in msg
+    assert ("training data num_windows" in msg) == (n_tokens != 60_000)
+    assert f"delete {tmp_path / 'models' / 'pretrain'} to start from scratch" in msg
 
 
 def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
@@ -114,7 +133,7 @@ def test_each_eval_logs_a_sample_that_is_reproducible_and_leaves_the_rng_alone(t
 
 
 def test_global_batch_that_does_not_divide_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"multiple of micro_batch x seq_len x world_size = 4 x 32 x 2 = 256"):
+    with pytest.raises(UserError, match=r"multiple of micro_batch x seq_len x world_size = 4 x 32 x 2 = 256"):
         TrainConfig(seq_len=32, micro_batch=4, global_batch_tokens=384).accum_steps(2)
     assert TrainConfig(seq_len=32, micro_batch=4, global_batch_tokens=512).accum_steps(2) == 2
 

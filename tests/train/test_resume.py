@@ -1,7 +1,9 @@
-"""Kill the training process for real (SIGKILL, SIGTERM) and resume: the weights must be bit-identical."""
+"""Kill the training process for real (SIGKILL, SIGTERM), or damage its newest checkpoint, and resume: the
+weights must be bit-identical to an uninterrupted run's."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,3 +92,34 @@ def test_sigterm_saves_a_checkpoint_before_exiting_and_the_run_resumes(project):
     assert ckpt.latest_checkpoint(out / "checkpoints").name == "step-000007"  # the step in flight finished
     assert run(root, resolved, "stopped").returncode == 0
     assert_same_weights(root / "models/straight/final", out / "final")
+
+
+@pytest.fixture(scope="module")
+def killed_at_14(project):
+    """A run killed inside step 15: checkpoints 4, 8 and 12 on disk, no final/."""
+    root, resolved = project
+    killed = run(root, resolved, "killed-base", kill=(14, "SIGKILL"))
+    assert killed.returncode == -signal.SIGKILL
+    out = root / "models" / "killed-base"
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-000004", "step-000008", "step-000012"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damaged", [ckpt.WEIGHTS, ckpt.STATE])
+def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_to_identical_weights(project, killed_at_14,
+                                                                                           damaged):
+    root, resolved = project
+    name = f"corrupt-{damaged.split('.')[0]}"
+    out = root / "models" / name
+    shutil.copytree(killed_at_14, out)
+    file = out / "checkpoints" / "step-000012" / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # e.g. the disk filled up after the save
+    resumed = run(root, resolved, name)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping corrupt checkpoint {out / 'checkpoints' / 'step-000012'}" in resumed.stderr
+    assert str(file) in resumed.stderr  # the warning names the damaged file
+    assert f"resumed from {out / 'checkpoints' / 'step-000008'}" in resumed.stderr
+    assert_same_weights(root / "models/straight/final", out / "final")
+    assert losses(out) == losses(root / "models/straight")
+    ckpt.verify_checkpoint(out / "checkpoints" / "step-000012")  # written again, intact this time

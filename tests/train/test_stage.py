@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from llmpipe.config import ConfigError
+from llmpipe.errors import UserError
 from llmpipe.stages import load_config, run_stage
 from llmpipe.train import checkpoint as ckpt
 from tests.train.synthetic import write_tokens
@@ -84,11 +85,32 @@ def test_a_rerun_with_other_training_settings_refuses_the_old_checkpoints(tmp_pa
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["pretrain"].update(lr=params["pretrain"].get("lr", 2e-3) / 2, seed=7)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         run_stage("pretrain", root)
     assert "pretrain.lr" in str(err.value) and "pretrain.seed" in str(err.value) and "delete" in str(err.value)
     shutil.rmtree(root / "models" / "pretrain")  # what the message says: then it trains from scratch
     assert run_stage("pretrain", root)["steps"] == 2
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_pretrain_code_refuses_the_old_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPIPE_TRACKING", "off")
+    root = project(tmp_path, max_steps=2, checkpoint_every=2, eval_every=2)
+    for dep in ("llmpipe/model", "llmpipe/train"):  # the project's own copy of the code deps dvc.yaml hashes
+        shutil.copytree(ROOT / dep, root / dep, ignore=shutil.ignore_patterns("__pycache__"))
+    run_stage("pretrain", root)
+    loop = root / "llmpipe" / "train" / "loop.py"
+    original = loop.read_text()
+    loop.write_text(original + "\n# an edit to the training code\n")
+    with pytest.raises(UserError) as err:
+        run_stage("pretrain", root)
+    msg = str(err.value)
+    assert "code (llmpipe/model, llmpipe/train, the pretrain code deps in dvc.yaml)" in msg
+    assert f"delete {root / 'models' / 'pretrain'} to train from scratch" in msg
+    loop.write_text(original)
+    (root / "llmpipe" / "tokenizer").mkdir()
+    (root / "llmpipe" / "tokenizer" / "stage.py").write_text("# another stage's code: not a pretrain dep\n")
+    assert run_stage("pretrain", root)["steps"] == 2  # the same code again: it continues
 
 
 def test_config_errors_name_the_key(tmp_path):
