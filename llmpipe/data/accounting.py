@@ -1,8 +1,9 @@
 """Record accounting shared by the data stages: schemas, counts per source, quarantine.
 
 Every record a data stage reads is either kept or rejected with a reason; `Counts.check()` enforces
-`read == kept + rejected` per source before a stage may report success, and every rejected record
-is written to a quarantine Parquet shard with its reason, so nothing is ever silently lost.
+`read == kept + rejected` per source, and that the shard files hold exactly the kept and rejected
+rows, before a stage may report success; every rejected record is written to a quarantine Parquet
+shard with its reason, so nothing is ever silently lost.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ QUARANTINE_TEXT_LIMIT = 1 << 20
 
 # Fixed log-spaced bins (characters) so per-shard length histograms add up across shards and reruns.
 LENGTH_BINS = np.concatenate([[0], np.logspace(0, 9, 37)]).astype(np.int64)
+
+
+class AccountingError(RuntimeError):
+    """Records unaccounted for: an invariant of llmpipe's own code broke, a bug to report (no setting
+    fixes it). Raised explicitly, not by `assert`, so the check holds under `python -O` too."""
 
 
 def content_id(text: str) -> str:
@@ -81,13 +87,20 @@ class Counts:
             total.update(by_reason)
         return total
 
-    def check(self, stage: str) -> None:
-        """Raise if any record is unaccounted for: read must equal kept + rejected for every source."""
+    def check(self, stage: str, written: tuple[int, int] | None = None) -> None:
+        """Raise AccountingError if any record is unaccounted for: read must equal kept + rejected for
+        every source, and, given `written` (the rows in the output and quarantine files), the files must
+        hold exactly the kept and the rejected records."""
         sources = set(self.read) | set(self.kept) | set(self.rejected)
         bad = [f"{s}: read {self.read[s]} != kept {self.kept[s]} + rejected {self.rejected_total(s)}"
                for s in sorted(sources) if self.read[s] != self.kept[s] + self.rejected_total(s)]
+        counted = (sum(self.kept.values()), self.rejected_total())
+        if written is not None and tuple(written) != counted:
+            bad.append(f"counted kept {counted[0]} + rejected {counted[1]}, but the output holds {written[0]} "
+                       f"rows and the quarantine {written[1]}")
         if bad:
-            raise RuntimeError(f"{stage}: records unaccounted for (a bug, please report):\n  " + "\n  ".join(bad))
+            raise AccountingError(f"{stage}: records unaccounted for (a bug in llmpipe, please report it):\n  "
+                                  + "\n  ".join(bad))
 
     def merge(self, other: Counts) -> Counts:
         self.read.update(other.read)

@@ -35,6 +35,7 @@ from llmpipe.data.report import write_report
 from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
 from llmpipe.data.steps import Reject, Step
 from llmpipe.data.toxicity import ToxicityConfig, ToxicityFilter
+from llmpipe.errors import UserError
 from llmpipe.io import done_info, sha256_file
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ def run(cfg: CleanConfig, ctx: StageContext) -> dict[str, float]:
     in_dir, out_dir = ctx.path(INPUT_DIR), ctx.path(OUTPUT_DIR)
     inputs = sorted(in_dir.glob("part-*.parquet"))
     if not inputs:
-        raise ValueError(f"{in_dir}: no part-*.parquet shards; run the ingest stage first (llmpipe stage ingest)")
+        raise UserError(f"{in_dir}: no part-*.parquet shards; run the ingest stage first (llmpipe stage ingest)")
     # Files a plugged-in scorer reads (a word list, a model) count like code: edit one, redo the shards.
     scorer_files = [sha256_file(ctx.root / v) for v in cfg.toxicity.scorer_args.values()
                     if isinstance(v, str) and (ctx.root / v).is_file()]

@@ -43,9 +43,11 @@ from pydantic import Field, model_validator
 
 from llmpipe.config import StageConfig, params_hash
 from llmpipe.data import minhash
-from llmpipe.data.accounting import QUARANTINE_SCHEMA, QUARANTINE_TEXT_LIMIT, RECORD_SCHEMA, Counts, Record, ShardWriter
+from llmpipe.data.accounting import (QUARANTINE_SCHEMA, QUARANTINE_TEXT_LIMIT, RECORD_SCHEMA, AccountingError, Counts,
+                                     Record, ShardWriter)
 from llmpipe.data.report import write_report
 from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
+from llmpipe.errors import UserError
 from llmpipe.io import (atomic_path, clean_stale_temps, done_info, iter_parquet_batches, marker_path, sha256_file,
                         write_parquet_atomic)
 
@@ -159,7 +161,9 @@ def load_sketches(paths: list[Path], sizes: list[int]) -> dict[str, np.ndarray]:
         with np.load(path) as npz:
             for name in SKETCH_FIELDS:
                 part = npz[name]
-                assert len(part) == sizes[shard], f"{path}: {len(part)} records, its marker says {sizes[shard]}"
+                if len(part) != sizes[shard]:
+                    raise UserError(f"{path}: {len(part)} records, its completion marker says {sizes[shard]}: the "
+                                    f"sketch changed after it was written; delete {path.parent} and rerun dedup")
                 if name not in out:
                     dtype = f"S{widths[name]}" if name in widths else part.dtype
                     out[name] = np.empty((total, *part.shape[1:]), dtype=dtype)
@@ -282,7 +286,8 @@ def _write_shard(task: ShardTask) -> Counts:
         for batch in iter_parquet_batches(source_path, batch_size=4096, columns=list(RECORD_SCHEMA.names)):
             n = batch.num_rows
             ids = np.array([_utf8(i) for i in batch.column("id").to_pylist()], dtype="S")
-            assert np.array_equal(ids, expected_ids[row:row + n]), f"{source_path} changed since phase 1"
+            if not np.array_equal(ids, expected_ids[row:row + n]):
+                raise _changed_while_running(source_path, f"rows {row}-{row + n - 1} are not the records sketched")
             verdicts = [drops.get(r) for r in range(row, row + n)]
             lengths = pc.utf8_length(batch.column("text")).to_pylist()
             for source, length, verdict in zip(batch.column("source").to_pylist(), lengths, verdicts):
@@ -301,8 +306,14 @@ def _write_shard(task: ShardTask) -> Counts:
             kept = pa.Table.from_arrays(batch.filter(pc.invert(mask)).columns, schema=RECORD_SCHEMA)
             writer.write_tables(kept, quarantine)
             row += n
-    assert row == len(expected_ids), f"{source_path}: row count changed since phase 1"
+    if row != len(expected_ids):
+        raise _changed_while_running(source_path, f"{row} rows, {len(expected_ids)} were sketched")
     return counts
+
+
+def _changed_while_running(path: Path, what: str) -> UserError:
+    return UserError(f"{path} changed while dedup ran ({what} at the start of this run): leave {INPUT_DIR} "
+                     f"alone while dedup runs (is another run of the clean stage writing it?), then rerun dedup")
 
 
 def _drops_by_shard(sk: dict[str, np.ndarray], dup: Duplicates, n_shards: int) -> list[dict[int, tuple[str, str]]]:
@@ -333,7 +344,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     start = time.perf_counter()
     inputs = sorted(ctx.path(INPUT_DIR).glob("part-*.parquet"))
     if not inputs:
-        raise ValueError(f"no input shards {INPUT_DIR}/part-*.parquet under {ctx.root}: run the clean stage first "
+        raise UserError(f"no input shards {INPUT_DIR}/part-*.parquet under {ctx.root}: run the clean stage first "
                          "(llmpipe stage clean, or dvc repro clean)")
     out_dir, sketch_dir = ctx.path(OUTPUT_DIR), ctx.path(OUTPUT_DIR) / "sketches"
     input_hashes = [sha256_file(p) for p in inputs]
@@ -346,7 +357,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     for i, (path, digest) in enumerate(zip(inputs, input_hashes)):
         sketch = sketch_dir / f"part-{i:05d}.npz"
         fingerprint = _fingerprint({**sketch_params, "input": digest, "shard": i})
-        sketch_tasks.append(ShardTask(i, (path,), sketch, sketch, fingerprint))
+        sketch_tasks.append(ShardTask(i, (path,), sketch, sketch, fingerprint, records=False))
     _prune_sketches(sketch_dir, {t.output.name for t in sketch_tasks})
     sketched = run_shards(sketch_tasks, functools.partial(_sketch_shard, hasher=hasher, batch_chars=cfg.batch_chars),
                           workers=ctx.workers, stage="dedup: sketch")
@@ -373,7 +384,10 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     elapsed = time.perf_counter() - start
 
     n_exact, n_near = int(dup.exact.sum()), int((dup.dropped & ~dup.exact).sum())
-    assert counts.reasons()[EXACT] == n_exact and counts.reasons()[NEAR] == n_near
+    if (counts.reasons()[EXACT], counts.reasons()[NEAR]) != (n_exact, n_near):
+        raise AccountingError(f"dedup: the shards quarantined {counts.reasons()[EXACT]} exact and "
+                              f"{counts.reasons()[NEAR]} near duplicates, phase 2 found {n_exact} and {n_near} "
+                              f"(a bug in llmpipe, please report it)")
     input_mb = sketched.stats["input_bytes"] / 1e6
     metrics = counts.metrics()
     metrics.update({"clusters": float(clusters.num_rows), "exact_duplicates": float(n_exact),

@@ -36,6 +36,7 @@ from llmpipe.data.readers import (FORMATS, READ_ERRORS, SUFFIXES, ReadOptions, R
                                   iter_archive, list_archive, read_hf, read_stream, reject, replace_undecodable)
 from llmpipe.data.report import write_report
 from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
+from llmpipe.errors import UserError
 from llmpipe.io import done_info
 
 if TYPE_CHECKING:
@@ -195,32 +196,37 @@ def _match(pattern: str, root: Path, key: str) -> list[Path]:
     if any(c in pattern for c in "*?["):
         paths = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if os.path.isfile(p))
         if not paths:
-            raise ValueError(f"{key}: glob {pattern} matched no files (relative paths start at {root})")
+            raise UserError(f"{key}: glob {pattern} matched no files (relative paths start at {root}); "
+                            f"fix the pattern in params.yaml or add the files")
         return paths
     if full.is_dir():
         paths = sorted(p for p in full.rglob("*") if p.is_file() and
                        not any(part.startswith(".") for part in p.relative_to(full).parts))
         if not paths:
-            raise ValueError(f"{key}: directory {pattern} holds no files")
+            raise UserError(f"{key}: directory {pattern} holds no files (dotfiles are skipped); "
+                            f"add the files or fix the path in params.yaml")
         return paths
     if full.is_file():
         return [full]
-    raise ValueError(f"{key}: {pattern} not found (relative paths start at the project root {root})")
+    raise UserError(f"{key}: {pattern} not found (relative paths start at the project root {root}); "
+                    f"fix the path in params.yaml or put the data there")
 
 
 def _archive_members(src: ArchiveSource, root: Path, key: str) -> list[tuple[tuple[str, str | None, bool], int]]:
     path = _match(src.path, root, f"{key}.path")
     if len(path) != 1:
-        raise ValueError(f"{key}.path: {src.path} names {len(path)} files; an archive source reads one archive")
+        raise UserError(f"{key}.path: {src.path} names {len(path)} files; an archive source reads one archive: "
+                        f"give each archive its own source in params.yaml")
     try:
         listing = list_archive(str(path[0]))
     except READ_ERRORS as exc:
-        raise ValueError(f"{key}.path: {src.path} is not a readable tar or zip archive ({exc})") from None
+        raise UserError(f"{key}.path: {src.path} is not a readable tar or zip archive ({exc}); check the file "
+                        f"(a partial download?) or use a files source for it in params.yaml") from None
     for j, pattern in enumerate(src.members):
         if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in listing):
             example = ", ".join(name for name, _ in listing[:3])
-            raise ValueError(f"{key}.members[{j}]: {pattern} matched no member of {src.path} "
-                             f"({len(listing)} files, e.g. {example})")
+            raise UserError(f"{key}.members[{j}]: {pattern} matched no member of {src.path} "
+                            f"({len(listing)} files, e.g. {example}); fix the glob in params.yaml")
     seen, members = set(), []
     for name, size in listing:
         if name not in seen and any(fnmatch.fnmatchcase(name, p) for p in src.members):

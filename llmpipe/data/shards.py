@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llmpipe.data.accounting import Counts
+from llmpipe.data.accounting import AccountingError, Counts
 from llmpipe.io import clean_stale_temps, done_info, mark_done, marker_path
 
 log = logging.getLogger("llmpipe.data")
@@ -32,6 +32,7 @@ class ShardTask:
     output: Path  # <out>/part-XXXXX.parquet
     quarantine: Path  # <out>/quarantine/part-XXXXX.parquet
     fingerprint: str  # hash of params + inputs + code; a marker with another one is stale
+    records: bool = True  # output and quarantine are record shards, checked against the counts (not sketches)
 
 
 def shard_paths(out_dir: Path, index: int) -> tuple[Path, Path]:
@@ -85,7 +86,17 @@ def run_shards(tasks: list[ShardTask], process: Callable[[ShardTask], Counts], *
 
 def _run_one(process: Callable[[ShardTask], Counts], stage: str, task: ShardTask) -> Counts:
     counts = process(task)
-    counts.check(f"{stage} shard {task.output.name}")
-    assert task.output.exists() and task.quarantine.exists(), f"{stage}: {task.output.name} not written"
+    where = f"{stage} shard {task.output.name}"
+    missing = [str(p) for p in dict.fromkeys((task.output, task.quarantine)) if not p.exists()]
+    if missing:
+        raise AccountingError(f"{where}: {', '.join(missing)} not written (a bug in llmpipe, please report it)")
+    # The files, not only the tallies: a record the writer lost is caught before the marker says done.
+    counts.check(where, written=_rows(task.output, task.quarantine) if task.records else None)
     mark_done(task.output, {"fingerprint": task.fingerprint, "counts": counts.to_dict()})
     return counts
+
+
+def _rows(*paths: Path) -> tuple[int, ...]:
+    import pyarrow.parquet as pq
+
+    return tuple(pq.read_metadata(path).num_rows for path in paths)

@@ -19,6 +19,7 @@ from pydantic import Field
 from llmpipe.config import StageConfig
 from llmpipe.data.accounting import Record
 from llmpipe.data.steps import Reject
+from llmpipe.errors import UserError
 
 DEFAULT_SCORER = "llmpipe.data.toxicity:WordListScorer"
 # UTF-8 bytes -> lowercase ASCII letters, other ASCII -> space, non-ASCII bytes kept (inside words):
@@ -43,7 +44,8 @@ class WordListScorer:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
-            raise ValueError(f"toxicity word list {path} not found: fix toxicity.scorer_args.words_path") from None
+            raise UserError(f"toxicity word list {path} not found: fix clean.toxicity.scorer_args.words_path "
+                            f"in params.yaml") from None
         self.words = frozenset(w.strip().lower().encode() for w in lines if w.strip() and not w.startswith("#"))
 
     def score(self, text: str) -> float:
@@ -62,12 +64,14 @@ def load_scorer(target: str, args: dict[str, Any], root: Path) -> ToxicityScorer
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"toxicity.scorer: cannot import '{target}' ({exc}); give 'package.module:Class'") from None
+        raise UserError(f"clean.toxicity.scorer in params.yaml: cannot import '{target}' ({exc}); give "
+                        f"'package.module:Class' of an installed package") from None
     if isinstance(args.get("words_path"), str) and not Path(args["words_path"]).is_absolute():
         args = {**args, "words_path": str(root / args["words_path"])}  # project paths, never the cwd
     scorer = cls(**args)
     if not isinstance(scorer, ToxicityScorer):
-        raise ValueError(f"toxicity.scorer: {target} has no score(text) -> float method")
+        raise UserError(f"clean.toxicity.scorer in params.yaml: {target} has no score(text) -> float method; "
+                        f"give a class that has one")
     return scorer
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from llmpipe.errors import UserError
 from llmpipe.tokenizer.shards import FORMAT, ShardWriter, dtype_name, write_meta
 from llmpipe.tokenizer.tokenizer import Tokenizer
 
@@ -62,7 +63,7 @@ def iter_documents(files: list[Path], batch_rows: int = 1024) -> Iterator[tuple[
             ids, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
             for k, text in enumerate(texts):
                 if text is None:
-                    raise ValueError(f"{file}: document {ids[k]} has no text (null); re-run the dedup stage")
+                    raise UserError(f"{file}: document {ids[k]} has no text (null); re-run the dedup stage")
             yield ids, texts
 
 
@@ -71,7 +72,7 @@ def check_schema(file: Path) -> None:
 
     names = set(pq.read_schema(file).names)
     if not {"id", "text"} <= names:
-        raise ValueError(f"{file}: expected columns id and text (the data record schema), found "
+        raise UserError(f"{file}: expected columns id and text (the data record schema), found "
                          f"{sorted(names)}; re-run the dedup stage")
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from llmpipe.errors import UserError  # stdlib only, like llmpipe.io
 from llmpipe.io import write_json_atomic  # stdlib-only at import, like this module
 
 FORMAT = "llmpipe.tokens/1"
@@ -27,7 +28,8 @@ META_FILE = "meta.json"
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (ids are 0..vocab_size-1), else uint32; always little-endian on disk."""
-    assert vocab_size > 0
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
@@ -153,22 +155,27 @@ def open_split(path: Path | str) -> TokenSplit:
     path = Path(path)
     meta_path = path / META_FILE
     if not meta_path.exists():
-        raise ValueError(f"{meta_path} not found: {path} is not a finished token split (run the tokenizer stage)")
+        raise UserError(f"{meta_path} not found: {path} is not a finished token split (run the tokenizer stage)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, this code reads {FORMAT!r}")
+        raise UserError(f"{meta_path}: format {meta.get('format')!r}, this code reads {FORMAT!r}; re-run the "
+                        f"tokenizer stage")
+    vocab_size = meta.get("vocab_size")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise UserError(f"{meta_path}: vocab_size {vocab_size!r} is not a positive integer; re-run the tokenizer stage")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    if dtype != dtype_for_vocab(meta["vocab_size"]):
-        raise ValueError(f"{meta_path}: dtype {meta['dtype']} does not match vocab_size {meta['vocab_size']}")
+    if dtype != dtype_for_vocab(vocab_size):
+        raise UserError(f"{meta_path}: dtype {meta['dtype']} does not match vocab_size {vocab_size}; re-run the "
+                        f"tokenizer stage")
     shards = []
     for entry in meta["shards"]:
         file = path / entry["file"]
         expected = entry["num_tokens"] * dtype.itemsize
         size = file.stat().st_size if file.exists() else -1
         if size != expected:
-            raise ValueError(f"{file}: expected {expected} bytes ({entry['num_tokens']} tokens), found "
+            raise UserError(f"{file}: expected {expected} bytes ({entry['num_tokens']} tokens), found "
                              f"{'no file' if size < 0 else f'{size} bytes'}; re-run the tokenizer stage")
         shards.append(np.memmap(file, dtype=dtype, mode="r", shape=(entry["num_tokens"],)))
     if sum(s.shape[0] for s in shards) != meta["num_tokens"]:
-        raise ValueError(f"{meta_path}: num_tokens {meta['num_tokens']} != sum of shard sizes")
+        raise UserError(f"{meta_path}: num_tokens {meta['num_tokens']} != sum of shard sizes; re-run the tokenizer stage")
     return TokenSplit(path=path, meta=meta, shards=shards)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 
 from llmpipe.config import StageConfig
+from llmpipe.errors import UserError
 from llmpipe.io import atomic_path, read_json, sha256_file, write_json_atomic
 from llmpipe.tokenizer import encode, train
 from llmpipe.tokenizer.tokenizer import META_FILE, MODEL_FILE, SPECIAL_TOKENS, Tokenizer
@@ -107,7 +108,7 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
         shutil.rmtree(leftover, ignore_errors=True)  # a killed run's temp dirs
     files = encode.input_files(ctx.path(INPUT))
     if not files:
-        raise ValueError(f"{ctx.path(INPUT)} has no part-*.parquet files: run the dedup stage first (dvc repro dedup)")
+        raise UserError(f"{ctx.path(INPUT)} has no part-*.parquet files: run the dedup stage first (dvc repro dedup)")
     source_hash = encode.source_hash(files)
     sample = TrainingSample(files, cfg.val_ratio, cfg.train_max_chars)
     _check_corpus(cfg, sample)
@@ -123,7 +124,10 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
         started = time.perf_counter()
         reference = train.train_reference_bpe(iter(sample), cfg.vocab_size)
         metrics["ref_train_time_s"] = time.perf_counter() - started
-        assert sample.hash == info["training_data_hash"], "the sample differs between two passes"
+        if sample.hash != info["training_data_hash"]:
+            raise RuntimeError(f"{sample} hashes to {sample.hash[:12]} on this pass, {info['training_data_hash'][:12]} "
+                               f"when the tokenizer was trained: {INPUT} changed while the stage ran (rerun the "
+                               f"tokenizer stage), or the sample is not deterministic (a bug in llmpipe)")
 
     def count_reference(texts: list[str]) -> None:
         started = time.perf_counter()
@@ -208,13 +212,13 @@ def _check_corpus(cfg: TokenizerConfig, sample: TrainingSample) -> None:
     """Stop early, with what to change, on input the tokenizer cannot be trained or evaluated on."""
     where = f"{INPUT} ({len(sample.files)} part files)"
     if sample.corpus_documents == 0:
-        raise ValueError(f"{where} holds no documents: the corpus is empty. Check the ingest sources "
+        raise UserError(f"{where} holds no documents: the corpus is empty. Check the ingest sources "
                          "and the clean/dedup settings, then re-run the data stages")
     if sample.train_chars == 0:
-        raise ValueError(f"the train split of {where} has no text ({sample.corpus_documents - sample.val_documents} "
+        raise UserError(f"the train split of {where} has no text ({sample.corpus_documents - sample.val_documents} "
                          f"documents, all empty or in val): lower tokenizer.val_ratio in params.yaml or add data")
     if sample.val_documents == 0:
-        raise ValueError(f"tokenizer.val_ratio={cfg.val_ratio} put none of the {sample.corpus_documents} documents "
+        raise UserError(f"tokenizer.val_ratio={cfg.val_ratio} put none of the {sample.corpus_documents} documents "
                          f"of {where} into the val split: raise tokenizer.val_ratio in params.yaml or add data")
 
 

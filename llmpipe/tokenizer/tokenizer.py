@@ -26,6 +26,8 @@ from typing import Any
 
 import sentencepiece as spm
 
+from llmpipe.errors import UserError
+
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
 SPACE_SYMBOL = "\u2581"  # SentencePiece's escaped space, "▁"
@@ -75,12 +77,12 @@ class Tokenizer:
             i = self.special_ids[name]
             # piece_to_id returns unk_id for an unknown piece; a wrong model must fail here, not later.
             if self.sp.id_to_piece(i) != piece or not (self.sp.is_control(i) or self.sp.is_unknown(i)):
-                raise ValueError(f"{model_file}: special token {piece!r} is missing or not a control symbol; "
+                raise UserError(f"{model_file}: special token {piece!r} is missing or not a control symbol; "
                                  "it was not trained by llmpipe (re-run the tokenizer stage)")
         # Literal "▁": its UTF-8 bytes as byte-fallback pieces (see module docstring).
         self._space_symbol_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode("utf-8")]
         if not all(self.sp.is_byte(i) for i in self._space_symbol_ids):
-            raise ValueError(f"{model_file} has no byte-fallback pieces, so some text cannot be encoded exactly; "
+            raise UserError(f"{model_file} has no byte-fallback pieces, so some text cannot be encoded exactly; "
                              "it was not trained by llmpipe (re-run the tokenizer stage)")
         # The segment split is exact only if no piece has a space after a non-space; check the vocab.
         pieces = (self.sp.id_to_piece(i) for i in range(self.vocab_size))
@@ -92,12 +94,12 @@ class Tokenizer:
         directory = Path(directory)
         model_file, meta_file = directory / MODEL_FILE, directory / META_FILE
         if not model_file.exists():
-            raise ValueError(f"{model_file} not found: run the tokenizer stage (llmpipe stage tokenizer)")
+            raise UserError(f"{model_file} not found: run the tokenizer stage (llmpipe stage tokenizer)")
         tok = cls(model_file)
         if meta_file.exists():
             recorded = json.loads(meta_file.read_text(encoding="utf-8")).get("hash")
             if recorded != tok.hash:
-                raise ValueError(f"{model_file} (sha256 {tok.hash[:12]}) does not match {meta_file} "
+                raise UserError(f"{model_file} (sha256 {tok.hash[:12]}) does not match {meta_file} "
                                  f"(hash {str(recorded)[:12]}): re-run the tokenizer stage")
         return tok
 
@@ -198,9 +200,9 @@ class Tokenizer:
         role_ids = {"system": self.system_id, "user": self.user_id, "assistant": self.assistant_id}
         for k, message in enumerate(messages):
             if message.get("role") not in role_ids:
-                raise ValueError(f"message {k}: role {message.get('role')!r} is not one of {', '.join(CHAT_ROLES)}")
+                raise UserError(f"message {k}: role {message.get('role')!r} is not one of {', '.join(CHAT_ROLES)}")
             if not isinstance(message.get("content"), str):
-                raise ValueError(f"message {k}: content must be a string, got {type(message.get('content')).__name__}")
+                raise UserError(f"message {k}: content must be a string, got {type(message.get('content')).__name__}")
         contents = self.encode_batch([m["content"] for m in messages], num_threads=1)
         ids: list[int] = []
         for message, content in zip(messages, contents):

@@ -17,6 +17,7 @@ import io
 import re
 from collections.abc import Iterable, Iterator
 
+from llmpipe.errors import UserError
 from llmpipe.tokenizer.tokenizer import SPECIAL_TOKENS, split_for_encoding
 
 # Documents are fed as segments cut before a space (see tokenizer.py), at most this many characters,
@@ -50,7 +51,7 @@ def trainer_options(vocab_size: int, character_coverage: float, num_threads: int
 
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, character_coverage: float,
                         num_threads: int, sample: str = "the training sample") -> bytes:
-    """Train on `sentences`; returns the model file's bytes. Rejections become ValueErrors that say
+    """Train on `sentences`; returns the model file's bytes. Rejections become UserErrors that say
     which params.yaml key to change; `sample` describes the data in those messages."""
     import sentencepiece as spm
 
@@ -73,23 +74,23 @@ def canonical_model(model: bytes) -> bytes:
     return proto.SerializeToString(deterministic=True)
 
 
-def _explain(message: str, vocab_size: int, sample: str) -> ValueError:
-    """SentencePiece's RuntimeError -> a ValueError naming the params.yaml key and the fix."""
+def _explain(message: str, vocab_size: int, sample: str) -> UserError:
+    """SentencePiece's RuntimeError -> a UserError naming the params.yaml key and the fix."""
     if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message):
-        return ValueError(
+        return UserError(
             f"Vocabulary size too high ({m[1]}): {sample} only supports {m[2]} pieces. Lower "
             f"tokenizer.vocab_size in params.yaml to at most {m[2]}, or add data (or raise "
             f"tokenizer.train_max_chars if the sample was capped)")
     if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message):
-        return ValueError(
+        return UserError(
             f"tokenizer.vocab_size={m[1]} is too small: {RESERVED_PIECES} reserved pieces (special tokens and "
             f"256 byte pieces) plus the characters kept by tokenizer.character_coverage need {m[2]}. Raise "
             f"tokenizer.vocab_size in params.yaml to at least {m[2]} (a few thousand for useful merges), "
             f"or lower tokenizer.character_coverage")
     if "sentences_.empty()" in message:
-        return ValueError(f"no training text: {sample} is empty. Check that data/dedup holds documents "
+        return UserError(f"no training text: {sample} is empty. Check that data/dedup holds documents "
                           f"with text (re-run the data stages)")
-    return ValueError(f"SentencePiece rejected the tokenizer settings in params.yaml: {message}")
+    return UserError(f"SentencePiece rejected the tokenizer settings in params.yaml: {message}")
 
 
 def train_reference_bpe(sentences: Iterable[str], vocab_size: int):

@@ -12,6 +12,7 @@ import pytest
 from llmpipe.data.accounting import Record, content_id, read_records, write_records
 from llmpipe.data.clean import CleanConfig, CleanPipeline, clean_shard, split_chunks
 from llmpipe.data.shards import ShardTask, shard_paths
+from llmpipe.errors import UserError
 from llmpipe.stages import run_stage
 from tests.data.test_filters import GOOD
 from tests.data.test_normalize import BODY, MODERN
@@ -151,7 +152,7 @@ def test_changed_params_redo_the_shards(project: Path):
 
 def test_missing_input_is_a_user_error(project: Path):
     shutil.rmtree(project / "data/raw")
-    with pytest.raises(ValueError, match="ingest"):
+    with pytest.raises(UserError, match="ingest"):
         run_stage("clean", project)
 
 

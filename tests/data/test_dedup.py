@@ -14,6 +14,7 @@ from llmpipe.config import ConfigError, load_section
 from llmpipe.data import dedup
 from llmpipe.data.accounting import Record, content_id, write_records
 from llmpipe.data.dedup import DedupConfig
+from llmpipe.errors import UserError
 from llmpipe.io import read_json
 from llmpipe.stages import run_stage
 from tests.data.code_project import stage_context
@@ -181,7 +182,7 @@ def test_stage_runs_through_the_registry_in_a_project(tmp_path, monkeypatch, cor
 
 
 def test_missing_input_is_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="run the clean stage first"):
+    with pytest.raises(UserError, match="run the clean stage first"):
         run_dedup(tmp_path, monkeypatch)
 
 
@@ -201,3 +202,13 @@ def test_an_empty_corpus_is_deduplicated_to_nothing(tmp_path, monkeypatch):
     metrics = run_dedup(tmp_path, monkeypatch)
     assert metrics["records_read"] == metrics["clusters"] == 0
     assert outputs(tmp_path) == ([], [])
+
+
+def test_a_sketch_changed_after_its_marker_is_a_user_error_naming_it(tmp_path, monkeypatch, corpus):
+    write_clean(tmp_path, [r for group in corpus.values() for r in group], per_shard=5)  # 5, 5 and 2 records
+    run_dedup(tmp_path, monkeypatch)
+    sketches = tmp_path / "data" / "dedup" / "sketches"
+    shutil.copy(sketches / "part-00002.npz", sketches / "part-00000.npz")
+    with pytest.raises(UserError, match=r"sketches/part-00000\.npz: 2 records, its completion marker says 5: .*"
+                                        r"delete .*sketches and rerun dedup"):
+        run_dedup(tmp_path, monkeypatch)

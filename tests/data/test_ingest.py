@@ -20,6 +20,7 @@ from llmpipe.config import ConfigError, load_section
 from llmpipe.data import ingest
 from llmpipe.data.accounting import Counts, content_id
 from llmpipe.data.shards import run_shards
+from llmpipe.errors import UserError
 from llmpipe.io import done_info
 from llmpipe.stages import run_stage
 from tests.data.code_project import stage_context
@@ -153,7 +154,7 @@ def test_rerun_is_byte_identical_and_skips_done_shards(mixed):
 ])
 def test_bad_source_is_a_clear_error_before_any_work(mixed, source, message):
     root, sources = mixed
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         ingest_run(root, [sources[0], source])
     assert not (root / "data" / "raw").exists()
 
@@ -257,7 +258,7 @@ def test_hf_dataset_through_a_local_builder(tmp_path, monkeypatch):
 
 def test_hf_missing_data_files_is_a_clear_error(tmp_path):
     source = {"name": "web", "type": "hf", "dataset": "json", "data_files": ["hf/none.jsonl"], "limit": 3}
-    with pytest.raises(ValueError, match=r"ingest\.sources\[0\]\.data_files\[0\]: hf/none\.jsonl not found"):
+    with pytest.raises(UserError, match=r"ingest\.sources\[0\]\.data_files\[0\]: hf/none\.jsonl not found"):
         ingest_run(tmp_path, [source])
 
 

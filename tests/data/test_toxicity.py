@@ -7,6 +7,7 @@ import pytest
 from llmpipe.data.accounting import Record
 from llmpipe.data.steps import Reject
 from llmpipe.data.toxicity import ToxicityConfig, ToxicityFilter, WordListScorer, default_words_path
+from llmpipe.errors import UserError
 
 PROSE = ("I pray you, sir, what is the matter with the king? He hath been sick these three days, "
          "and will see no one but his daughter, who sits by him and reads to him of old wars. ") * 3
@@ -54,7 +55,7 @@ def test_a_classifier_plugs_in_by_dotted_path(tmp_path: Path, monkeypatch):
 
 
 def test_bad_scorer_path_is_a_user_error(tmp_path: Path):
-    with pytest.raises(ValueError, match="toxicity.scorer"):
+    with pytest.raises(UserError, match="toxicity.scorer"):
         ToxicityFilter(ToxicityConfig(scorer="no_such_module:Scorer"), tmp_path)
-    with pytest.raises(ValueError, match="score"):
+    with pytest.raises(UserError, match="score"):
         ToxicityFilter(ToxicityConfig(scorer="pathlib:PurePath"), tmp_path)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from llmpipe.errors import UserError
 from llmpipe.tokenizer.shards import FORMAT, ShardWriter, dtype_for_vocab, dtype_name, open_split, write_meta
 
 
@@ -66,15 +67,15 @@ def test_abort_leaves_no_partial_shard(tmp_path):
 
 
 def test_open_split_refuses_incomplete_or_inconsistent_splits(tmp_path):
-    with pytest.raises(ValueError, match="not a finished token split"):
+    with pytest.raises(UserError, match="not a finished token split"):
         open_split(tmp_path)
     _write_split(tmp_path, 1000, [np.arange(30)], max_tokens=20)
     (tmp_path / "shard-00001.bin").write_bytes(b"\0" * 4)  # truncated
-    with pytest.raises(ValueError, match="shard-00001.bin: expected 20 bytes"):
+    with pytest.raises(UserError, match="shard-00001.bin: expected 20 bytes"):
         open_split(tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "dtype": "uint32"}))
-    with pytest.raises(ValueError, match="does not match vocab_size"):
+    with pytest.raises(UserError, match="does not match vocab_size"):
         open_split(tmp_path)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+from llmpipe.errors import UserError
 from llmpipe.stages import run_stage
 from llmpipe.tokenizer import Tokenizer, encode, open_split
 from llmpipe.tokenizer.encode import RoundTripError, is_val
@@ -135,7 +136,7 @@ def _assert_no_outputs(root: Path) -> None:
 ])
 def test_bad_input_stops_with_what_to_change_and_leaves_no_outputs(tmp_path, docs_in, settings, message):
     root = make_project(tmp_path, docs_in, **settings)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         run_stage("tokenizer", root)
     _assert_no_outputs(root)
 
@@ -143,7 +144,7 @@ def test_bad_input_stops_with_what_to_change_and_leaves_no_outputs(tmp_path, doc
 def test_missing_input_points_at_the_dedup_stage(tmp_path, docs):
     root = make_project(tmp_path, docs)
     shutil.rmtree(root / "data" / "dedup")
-    with pytest.raises(ValueError, match="no part-.*parquet files: run the dedup stage first"):
+    with pytest.raises(UserError, match="no part-.*parquet files: run the dedup stage first"):
         run_stage("tokenizer", root)
 
 

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from llmpipe.errors import UserError
 from llmpipe.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, split_for_encoding
 from tests.tokenizer.synthetic import EXTRAS, TRICKY
 
@@ -67,9 +68,9 @@ def test_chat_template_inserts_special_ids_and_encodes_content_as_text(tok: Toke
 
 
 def test_chat_template_rejects_unknown_roles(tok: Tokenizer):
-    with pytest.raises(ValueError, match="role 'tool' is not one of system, user, assistant"):
+    with pytest.raises(UserError, match="role 'tool' is not one of system, user, assistant"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
-    with pytest.raises(ValueError, match="content must be a string"):
+    with pytest.raises(UserError, match="content must be a string"):
         tok.apply_chat_template([{"role": "user", "content": None}])
 
 
@@ -98,9 +99,9 @@ def test_hash_is_sha256_of_model_and_load_checks_it(tokenizer_dir, tmp_path):
     assert tok.hash == hashlib.sha256((tokenizer_dir / "tokenizer.model").read_bytes()).hexdigest()
     (tmp_path / "tokenizer.model").write_bytes((tokenizer_dir / "tokenizer.model").read_bytes())
     (tmp_path / "tokenizer.json").write_text('{"hash": "0000"}')
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(UserError, match="does not match"):
         Tokenizer.load(tmp_path)
-    with pytest.raises(ValueError, match="run the tokenizer stage"):
+    with pytest.raises(UserError, match="run the tokenizer stage"):
         Tokenizer.load(tmp_path / "missing")
 
 
@@ -109,5 +110,5 @@ def test_a_model_without_our_special_tokens_is_refused(tmp_path, corpus):
 
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(tmp_path / "plain"),
                                    vocab_size=300, minloglevel=2)
-    with pytest.raises(ValueError, match="special token '<\\|bos\\|>' is missing"):
+    with pytest.raises(UserError, match="special token '<\\|bos\\|>' is missing"):
         Tokenizer(tmp_path / "plain.model")

@@ -7,6 +7,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from llmpipe.errors import UserError
 from llmpipe.tokenizer import train
 from tests.tokenizer.synthetic import make_corpus
 
@@ -45,19 +46,19 @@ def test_training_sentences_fit_sentencepieces_length_limit():
 
 
 def test_vocabulary_too_large_for_the_corpus_says_what_to_lower():
-    with pytest.raises(ValueError, match=r"Vocabulary size too high \(4096\).*Lower tokenizer.vocab_size in "
+    with pytest.raises(UserError, match=r"Vocabulary size too high \(4096\).*Lower tokenizer.vocab_size in "
                                          r"params.yaml to at most \d+"):
         train.train_sentencepiece(_sentences(make_corpus(5)), 4096, 0.9995, num_threads=1)
 
 
 def test_vocabulary_smaller_than_reserved_pieces_says_what_to_raise():
-    with pytest.raises(ValueError, match=r"tokenizer.vocab_size=100 is too small.*Raise tokenizer.vocab_size in "
+    with pytest.raises(UserError, match=r"tokenizer.vocab_size=100 is too small.*Raise tokenizer.vocab_size in "
                                          r"params.yaml to at least \d+"):
         train.train_sentencepiece(_sentences(make_corpus(5)), 100, 0.9995, num_threads=1)
 
 
 def test_empty_training_text_is_a_user_error():
-    with pytest.raises(ValueError, match="no training text"):
+    with pytest.raises(UserError, match="no training text"):
         train.train_sentencepiece([], 600, 0.9995, num_threads=1)
 
 
