@@ -1,4 +1,8 @@
-"""The `llmpipe` command. Each command is a few lines that call into the library."""
+"""The `llmpipe` command. Each command is a few lines that call into the library.
+
+Errors end one way for every command (`Cli.invoke`): a UserError prints `Error: <message>` and exits 1
+without a traceback; anything else is a bug and keeps its traceback; `--debug` shows it for both.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from llmpipe.config import ConfigError
+from llmpipe import env
+from llmpipe.errors import UserError
 from llmpipe.stages import STAGES
 
 
@@ -23,26 +29,50 @@ def _setup_logging(verbose: bool) -> None:
 def _root() -> Path:
     from llmpipe.io import project_root
 
+    return project_root()
+
+
+class Cli(click.Group):
+    """The command group whose `invoke` turns every command's UserError into `Error: ...`, exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if _debug():
+                raise  # Python prints the traceback and exits 1
+            raise click.ClickException(str(exc)) from None
+
+
+def _debug() -> bool:
     try:
-        return project_root()
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        return env.debug()
+    except UserError:  # a bad LLMPIPE_DEBUG is itself reported as the error
+        return False
 
 
 STAGE_HELP = "\n".join(f"  {name:<10} {spec.summary}" for name, spec in STAGES.items())
+SETTINGS_HELP = ("Settings (environment variables): " + ", ".join(s.name for s in env.SETTINGS
+                                                                  if s.read_by.startswith("llmpipe"))
+                 + ". `llmpipe env` shows each with its meaning, default and current value.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=Cli, epilog=SETTINGS_HELP,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for user errors too (also in the stages it runs).")
 @click.version_option(package_name="llmpipe")
-def main(verbose: bool) -> None:
+def main(verbose: bool, debug: bool) -> None:
     """llmpipe: build your own GPT-style model from raw text, reproducibly.
 
     Every step is a DVC stage (dvc.yaml) configured in params.yaml; `llmpipe run` executes them
     through a Prefect flow and records everything in MLflow (embedded SQLite store under
     mlruns/ unless MLFLOW_TRACKING_URI is set; LLMPIPE_TRACKING=off disables tracking).
     """
+    if debug:  # through the environment, so the stage processes that dvc starts see it too
+        os.environ[env.DEBUG.name] = "on"
     _setup_logging(verbose)
+    env.check()  # a bad setting stops every command before any work
 
 
 @main.command()
@@ -62,11 +92,8 @@ def run(until: str | None, force: tuple[str, ...]) -> None:
     from llmpipe.pipeline import check_run
 
     root = _root()
-    try:
-        check_run(root, until, list(force))  # fail fast, before Prefect starts a server
-        result = pipeline(root=str(root), until=until, force=list(force))
-    except (ConfigError, ValueError, RuntimeError) as exc:  # user errors and failed stages: no traceback
-        raise click.ClickException(str(exc)) from None
+    check_run(root, until, list(force))  # fail fast, before Prefect starts a server
+    result = pipeline(root=str(root), until=until, force=list(force))
     for name, outcome in result.items():
         click.echo(f"{name:<10} {outcome}")
 
@@ -80,23 +107,33 @@ def stage(name: str) -> None:
     """
     from llmpipe.stages import run_stage
 
-    try:
-        metrics = run_stage(name, _root())
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    except ValueError as exc:
-        raise click.ClickException(f"stage {name}: {exc}") from None
+    metrics = run_stage(name, _root())
     shown = ", ".join(f"{k}={v:g}" for k, v in list(metrics.items())[:12])
     click.echo(f"{name}: done ({shown}{', ...' if len(metrics) > 12 else ''})")
 
 
 @main.command()
 def status() -> None:
-    """Show which stages are stale (DVC) and the last tracked run of each (MLflow)."""
-    from llmpipe.pipeline import status_rows
+    """Show which stages are stale (DVC) and the last tracked run of each (MLflow).
 
-    for row in status_rows(_root()):
+    Runs left RUNNING by a process that no longer exists on this machine are ended as KILLED first.
+    """
+    from llmpipe.pipeline import status_rows
+    from llmpipe.tracking import end_dead_runs
+
+    root = _root()
+    for ended in end_dead_runs(root, by="llmpipe status"):
+        click.echo(f"ended as KILLED: {ended}")
+    for row in status_rows(root):
         click.echo(row)
+
+
+@main.command("env")
+def show_env() -> None:
+    """List every environment variable llmpipe reads: meaning, default and current value."""
+    for setting, value in env.current_values():
+        click.echo(f"{setting.name}={value}\n    {setting.meaning} (default: {setting.default or 'unset'}; "
+                   f"read by {setting.read_by})")
 
 
 @main.command("fetch-demo")
@@ -147,13 +184,10 @@ def plan(preset: str, vocab_size: int, tokens: str | None, gpu: str, num_gpus: i
     from llmpipe.model.planner import format_plan, parse_count
     from llmpipe.model.planner import plan as make_plan
 
-    try:
-        cfg = ModelConfig.from_preset(preset, vocab_size, n_layer=n_layer, d_model=d_model, n_head=n_head,
-                                      n_kv_head=n_kv_head)
-        result = make_plan(cfg, None if tokens is None else parse_count(tokens), gpu, num_gpus, mfu, micro_batch,
-                           seq_len or cfg.max_seq_len, gpu_memory_gb)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = ModelConfig.from_preset(preset, vocab_size, n_layer=n_layer, d_model=d_model, n_head=n_head,
+                                  n_kv_head=n_kv_head)
+    result = make_plan(cfg, None if tokens is None else parse_count(tokens), gpu, num_gpus, mfu, micro_batch,
+                       seq_len or cfg.max_seq_len, gpu_memory_gb)
     click.echo(format_plan(result))
 
 

@@ -16,6 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from llmpipe.errors import UserError
+
+
+class StageFailed(UserError):
+    """A stage's process failed under dvc repro; the message ends with the stage's last output, whose
+    own error says what went wrong there."""
+
 
 def dvc_executable() -> str:
     """The dvc next to this interpreter (the project venv), else the one on PATH."""
@@ -24,7 +31,7 @@ def dvc_executable() -> str:
         return str(local)
     found = shutil.which("dvc")
     if not found:
-        raise ValueError("dvc not found: install llmpipe's dependencies (scripts/install.sh)")
+        raise UserError("dvc not found: install llmpipe's dependencies (scripts/install.sh)")
     return found
 
 
@@ -46,19 +53,19 @@ def select_stages(root: Path, until: str | None) -> list[str]:
     if until is None:
         return order
     if until not in order:
-        raise ValueError(f"--until {until}: no such stage in {root / 'dvc.yaml'} (stages: {', '.join(order)})")
+        raise UserError(f"--until {until}: no such stage in {root / 'dvc.yaml'} (stages: {', '.join(order)})")
     return order[: order.index(until) + 1]
 
 
 def check_run(root: Path, until: str | None, force: list[str]) -> list[str]:
-    """The stages a run will visit; ValueError for what would make it fail before any work."""
+    """The stages a run will visit; UserError for what would make it fail before any work."""
     stages = select_stages(root, until)
     unknown = set(force) - set(stages)
     if unknown:
-        raise ValueError(f"--force {', '.join(sorted(unknown))}: not among the stages to run ({', '.join(stages)})")
+        raise UserError(f"--force {', '.join(sorted(unknown))}: not among the stages to run ({', '.join(stages)})")
     missing = missing_sources(root)
     if missing:
-        raise ValueError("source data missing: " + ", ".join(map(str, missing))
+        raise UserError("source data missing: " + ", ".join(map(str, missing))
                          + " (run `llmpipe fetch-demo` for the demo corpus, or `dvc pull`)")
     return stages
 
@@ -87,7 +94,7 @@ def repro(root: Path, stage: str, *, force: bool, env: dict[str, str] | None = N
         on_line(line)
         tail = (tail + [line])[-30:]
     if proc.wait() != 0:
-        raise RuntimeError(f"stage {stage} failed (dvc repro exit {proc.returncode}); last output:\n" + "\n".join(tail))
+        raise StageFailed(f"stage {stage} failed (dvc repro exit {proc.returncode}); last output:\n" + "\n".join(tail))
 
 
 def missing_sources(root: Path) -> list[Path]:
@@ -125,7 +132,7 @@ def dvc_commit(root: Path, dvc_file: Path) -> None:
 def _dvc(root: Path, args: list[str]) -> str:
     proc = subprocess.run([dvc_executable(), *args], cwd=root, capture_output=True, text=True, env=venv_env())
     if proc.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        raise UserError(f"dvc {' '.join(args)} failed in {root}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import Field
 
+from llmpipe import env
 from llmpipe.config import StageConfig, ConfigError, flatten, load_section, params_hash, read_params
 from llmpipe.io import write_json_atomic
 from llmpipe.tracking import NullTracker, Tracker, git_commit, input_hashes, tracked_run
@@ -73,7 +73,7 @@ class StageContext:
 
     @property
     def workers(self) -> int:
-        return int(os.environ.get("LLMPIPE_WORKERS", 0)) or (os.cpu_count() or 1)
+        return env.workers()
 
 
 def get_stage(name: str) -> StageSpec:

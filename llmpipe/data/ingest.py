@@ -23,6 +23,7 @@ import glob
 import hashlib
 import json
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -192,21 +193,23 @@ def _plan_source(i: int, src: _Source, root: Path, target: int) -> list[list]:
 
 
 def _match(pattern: str, root: Path, key: str) -> list[Path]:
+    """The files a path, directory or glob names. Everything that is not a directory counts: a broken
+    symlink, a FIFO or a file we may not open is read as an `unreadable_file` reject, never dropped."""
     full = root / pattern
     if any(c in pattern for c in "*?["):
-        paths = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if os.path.isfile(p))
+        paths = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if not os.path.isdir(p))
         if not paths:
             raise UserError(f"{key}: glob {pattern} matched no files (relative paths start at {root}); "
                             f"fix the pattern in params.yaml or add the files")
         return paths
     if full.is_dir():
-        paths = sorted(p for p in full.rglob("*") if p.is_file() and
+        paths = sorted(p for p in full.rglob("*") if not p.is_dir() and
                        not any(part.startswith(".") for part in p.relative_to(full).parts))
         if not paths:
             raise UserError(f"{key}: directory {pattern} holds no files (dotfiles are skipped); "
                             f"add the files or fix the path in params.yaml")
         return paths
-    if full.is_file():
+    if os.path.lexists(full):  # a file, or a broken link (an unreadable_file reject, like in a directory)
         return [full]
     raise UserError(f"{key}: {pattern} not found (relative paths start at the project root {root}); "
                     f"fix the path in params.yaml or put the data there")
@@ -217,6 +220,8 @@ def _archive_members(src: ArchiveSource, root: Path, key: str) -> list[tuple[tup
     if len(path) != 1:
         raise UserError(f"{key}.path: {src.path} names {len(path)} files; an archive source reads one archive: "
                         f"give each archive its own source in params.yaml")
+    if problem := _unreadable(path[0]):
+        raise UserError(f"{key}.path: {src.path} cannot be read ({problem}); fix the path in params.yaml")
     try:
         listing = list_archive(str(path[0]))
     except READ_ERRORS as exc:
@@ -238,7 +243,7 @@ def _archive_members(src: ArchiveSource, root: Path, key: str) -> list[tuple[tup
 
 def _cut_file(i: int, path: Path, rel: str, fmt: str | None, gz: bool, target: int) -> list[FileItem]:
     """One item per file, or several for a big uncompressed JSONL (line starts) or Parquet (row groups)."""
-    size = path.stat().st_size
+    size = _stat(path)[0]
     if size <= target or gz:
         return [FileItem(i, rel, fmt, gz, size)]
     if fmt == "jsonl":
@@ -297,6 +302,31 @@ def _pack(sized: list[tuple], target: int) -> list[list[tuple]]:
     return chunks
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read as a file (a broken or looping symlink, a directory, a FIFO, ...),
+    None for a regular file. Asked before opening it: opening a FIFO would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if os.path.islink(path):
+            return f"broken symlink to {os.readlink(path)} ({exc.strerror})"
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device")
+    return f"not a regular file ({kind})"
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) for the plan and the fingerprint; a broken symlink's own, so relinking it counts."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = os.lstat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def _rel(path: Path, root: Path) -> str:
     try:
         return replace_undecodable(path.relative_to(root).as_posix())
@@ -306,7 +336,7 @@ def _rel(path: Path, root: Path) -> str:
 
 def _fingerprint(cfg: IngestConfig, items: list, root: Path, code: str) -> str:
     files = sorted({f for it in items for f in (it.data_files if isinstance(it, HFItem) else (it.path,))})
-    stats = [(f, (st := os.stat(root / f)).st_size, st.st_mtime_ns) for f in files]
+    stats = [(f, *_stat(root / f)) for f in files]
     blob = {"code": code, "source": cfg.sources[items[0].source].model_dump(mode="json"),
             "reading": cfg.model_dump(include={"decode_errors", "max_doc_chars", "max_line_chars"}),
             "items": [asdict(it) for it in items], "files": stats}
@@ -353,13 +383,16 @@ def _read_item(item, src: _Source, opts: ReadOptions, root: Path, counts: Counts
         where = Where(src.name, item.path, {"path": item.path})
         whole = item.end is None and item.row_groups is None and item.start == 0
         counts.stats["files"] += item.start == 0 and (item.row_groups is None or item.row_groups[0] == 0)
+        if problem := _unreadable(root / item.path):
+            yield reject(where, "unreadable_file", problem)
+            return
         if item.fmt is None:
             yield _unknown_format(where)
             return
         try:
             fh = open(root / item.path, "rb")
-        except OSError as exc:
-            yield reject(where, "read_error", f"{type(exc).__name__}: {exc}")
+        except OSError as exc:  # e.g. no permission
+            yield reject(where, "unreadable_file", f"{type(exc).__name__}: {exc.strerror or exc}")
             return
         with fh:
             fh.seek(item.start)

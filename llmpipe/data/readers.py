@@ -137,13 +137,18 @@ def _scalars(row: dict[str, Any], skip: str) -> dict[str, Any]:
 
 
 def _text_of(obj: dict[str, Any], where: Where, opts: ReadOptions, suffix: str, **pos: Any) -> Record | Reject:
-    """A row (JSON object, CSV row, Parquet/HF example) -> its document, or why it has none."""
-    value = obj.get(opts.text_field)
-    if value is None:
+    """A row (JSON object, CSV row, Parquet/HF example) -> its document, or why it has none.
+
+    A row without the field is `missing_text_field` (a wrong `text_field` setting shows up here);
+    a field that is there but null is `empty_text`, like "" (a Parquet null, `{"text": null}`)."""
+    if opts.text_field not in obj:
         present = [k for k, v in obj.items() if v is not None]
         shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
         return reject(where, "missing_text_field", f"no '{opts.text_field}' field; fields: {shown or '(none)'}",
                       suffix=suffix, **pos)
+    value = obj[opts.text_field]
+    if value is None:
+        return reject(where, "empty_text", f"'{opts.text_field}' is null", suffix=suffix, **pos)
     if not isinstance(value, str):
         return reject(where, "bad_text_field", f"'{opts.text_field}' is {type(value).__name__}, not a string",
                       suffix=suffix, **pos)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from collections import Counter
@@ -86,7 +89,8 @@ def mixed(tmp_path: Path) -> tuple[Path, list[dict]]:
     write(root / "corpus" / "LICENSE", "no suffix")
     write(root / "corpus" / ".hidden.txt", "dotfiles are skipped in directories")
     write(root / "data" / "qa.jsonl.gz", gzip.compress(
-        b'{"text": "question one", "id": 1}\n{"text": broken\n{"title": "no text"}\n{"text": "question four"}\n'))
+        b'{"text": "question one", "id": 1}\n{"text": broken\n{"title": "no text"}\n{"text": "question four"}\n'
+        b'{"text": null}\n'))
     write(root / "data" / "t.csv", 'body,lang\n"csv, one",en\ncsv two,fr\n')
     pq.write_table(pa.table({"text": ["pq one", "pq two"], "n": [1, 2]}), root / "data" / "p.parquet")
     make_tar(root / "data" / "a.tar.gz", {"docs/x.txt": b"tar member x", "docs/y.jsonl": b'{"text": "tar y"}\n',
@@ -121,7 +125,7 @@ def test_every_source_type_with_accounting(mixed):
     why = sorted((r["source"], r["reason"], json.loads(r["meta"])["origin"]) for r in rejected)
     assert why == sorted([("notes", "empty_file", "corpus/empty.txt"), ("notes", "binary_file", "corpus/blob.txt"),
                           ("notes", "unknown_format", "corpus/LICENSE"), ("qa", "malformed_json", "data/qa.jsonl.gz:2"),
-                          ("qa", "missing_text_field", "data/qa.jsonl.gz:3"),
+                          ("qa", "missing_text_field", "data/qa.jsonl.gz:3"), ("qa", "empty_text", "data/qa.jsonl.gz:5"),
                           ("tar", "binary_file", "data/a.tar.gz:docs/bin.txt")])
     # The invariant, per source: read == kept + rejected, and every reject has its quarantine row.
     counts = marker_counts(root)
@@ -129,7 +133,7 @@ def test_every_source_type_with_accounting(mixed):
     for source in counts.read:
         assert counts.kept[source] == sum(r["source"] == source for r in kept)
         assert counts.rejected_total(source) == sum(r["source"] == source for r in rejected)
-    assert metrics["records_read"] == len(kept) + len(rejected) == 18
+    assert metrics["records_read"] == len(kept) + len(rejected) == 19
     assert metrics["rejected.malformed_json"] == 1 and metrics["files"] == 13
     assert "| notes | 6 | 3 | 3 |" in (root / "data" / "raw" / "report.md").read_text()
 
@@ -171,6 +175,32 @@ def test_config_errors_name_the_key(section, message):
     with pytest.raises(ConfigError) as err:
         load_section(ingest.IngestConfig, {"ingest": section}, "ingest", "params.yaml")
     assert message in str(err.value)
+
+
+def test_unreadable_files_are_counted_with_their_path_never_dropped(tmp_path):
+    """Tests run as root, who may open any file: a broken symlink, a symlink loop and a FIFO are the
+    files that cannot be read here (a FIFO must not even be opened: that waits for a writer)."""
+    root = tmp_path
+    write(root / "docs" / "good.txt", "a readable document")
+    (root / "docs" / "gone.txt").symlink_to("nowhere.txt")
+    (root / "docs" / "loop.txt").symlink_to("loop.txt")
+    os.mkfifo(root / "docs" / "pipe.jsonl")
+    metrics = ingest_run(root, [{"name": "dir", "type": "files", "path": "docs"},
+                                {"name": "glob", "type": "files", "path": "docs/*.*"},
+                                {"name": "named", "type": "jsonl", "path": "docs/gone.txt"}])
+    kept, rejected = outputs(root)
+    assert sorted(r["source"] for r in kept) == ["dir", "glob"]
+    why = sorted((r["source"], r["reason"], json.loads(r["meta"])["path"]) for r in rejected)
+    assert why == sorted([(source, "unreadable_file", f"docs/{name}") for source in ("dir", "glob")
+                          for name in ("gone.txt", "loop.txt", "pipe.jsonl")] +
+                         [("named", "unreadable_file", "docs/gone.txt")])
+    details = {json.loads(r["meta"])["path"]: r["detail"] for r in rejected if r["source"] == "dir"}
+    assert details["docs/gone.txt"].startswith("broken symlink to nowhere.txt")
+    assert details["docs/loop.txt"].startswith("broken symlink to loop.txt (Too many levels of symbolic links")
+    assert details["docs/pipe.jsonl"] == "not a regular file (a FIFO)"
+    marker_counts(root).check("test")
+    assert metrics["records_read"] == len(kept) + len(rejected) == 9 and metrics["rejected.unreadable_file"] == 7
+    assert metrics["files"] == 9
 
 
 def test_big_jsonl_is_cut_at_line_starts_with_true_line_numbers(tmp_path):
@@ -252,7 +282,8 @@ def test_hf_dataset_through_a_local_builder(tmp_path, monkeypatch):
     assert [r["text"] for r in kept] == ["hf one", "hf three"]
     assert json.loads(kept[1]["meta"])["origin"] == "hf:json:train#2"
     assert json.loads(kept[0]["meta"])["fields"] == {"url": "u1"}
-    assert [(r["reason"], "url" in r["detail"]) for r in rejected] == [("missing_text_field", True)]
+    # The json builder gives every row the column, null where the key is missing: empty, like "".
+    assert [(r["reason"], r["detail"]) for r in rejected] == [("empty_text", "'text' is null")]
     assert metrics["records_read"] == 3
 
 
@@ -280,3 +311,53 @@ def test_run_stage_with_the_project_params(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "metrics" / "ingest.json").read_text())["records_kept"] == 3
     kept, rejected = outputs(tmp_path)
     assert Counter(r["source"] for r in kept) == {"shakespeare": 3} and not rejected
+
+
+# Runs `llmpipe stage ingest` as its only child and prints that child's peak RSS (KiB on Linux), so
+# nothing else this test session ran can raise the figure.
+PEAK_RSS = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def _write_line(path: Path, prefix: bytes, n_bytes: int, suffix: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(prefix)
+        for _ in range(n_bytes >> 20):
+            fh.write(b"x" * (1 << 20))
+        fh.write(suffix)
+
+
+def _ingest_peak_mb(root: Path, line_bytes: int) -> float:
+    """Peak RSS of `llmpipe stage ingest` on a JSONL file and a text file, each one line of about
+    `line_bytes`, with the line after it in the JSONL file."""
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["ingest"] = {"sources": [{"name": "lines", "type": "jsonl", "path": "huge.jsonl"},
+                                    {"name": "doc", "type": "files", "path": "huge.txt"}]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    _write_line(root / "huge.jsonl", b'{"text": "', line_bytes, b'"}\n{"text": "the line after"}\n')
+    _write_line(root / "huge.txt", b"", line_bytes, b"\n")
+    llmpipe = Path(sys.executable).parent / "llmpipe"
+    env = {**os.environ, "LLMPIPE_TRACKING": "off", "LLMPIPE_WORKERS": "1"}
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, str(llmpipe), "stage", "ingest"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return int(proc.stdout.split()[-1]) / 1024
+
+
+@pytest.mark.slow
+def test_a_200_mb_line_is_rejected_with_peak_memory_under_512_mb(tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "huge").mkdir()
+    baseline = _ingest_peak_mb(tmp_path / "small", 1 << 20)  # the same run on 1 MB lines: imports and buffers
+    peak = _ingest_peak_mb(tmp_path / "huge", 200 << 20)
+    assert peak < 512, f"ingest peaked at {peak:.0f} MB on a 200 MB line"
+    # The bound that catches a reader holding the line: less than one copy of it above the baseline
+    # (what a line costs is the readline limit, 4 bytes per max_line_chars character: 80 MB by default).
+    assert peak - baseline < 200, f"ingest peaked at {peak:.0f} MB on a 200 MB line, {baseline:.0f} MB on 1 MB"
+    root = tmp_path / "huge"
+    kept, rejected = outputs(root)
+    assert [r["text"] for r in kept] == ["the line after"]
+    assert sorted((r["source"], r["reason"], json.loads(r["meta"])["origin"]) for r in rejected) == [
+        ("doc", "too_long", "huge.txt"), ("lines", "too_long", "huge.jsonl:1")]
+    marker_counts(root).check("test")

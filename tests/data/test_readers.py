@@ -117,8 +117,10 @@ def test_invalid_byte_in_jsonl_affects_only_its_line(policy):
         assert rej.reason == "decode_error" and rej.record.meta["line"] == 2
 
 
-def test_empty_and_whitespace_text_are_rejected():
-    assert [r.reason for r in rejected(read(b'{"text": ""}\n{"text": " \\n"}\n', "jsonl"))] == ["empty_text"] * 2
+def test_empty_whitespace_and_null_text_are_rejected_as_empty():
+    items = rejected(read(b'{"text": ""}\n{"text": " \\n"}\n{"text": null, "url": "u"}\n', "jsonl"))
+    assert [r.reason for r in items] == ["empty_text"] * 3
+    assert items[2].detail == "'text' is null" and items[2].record.meta["line"] == 3
 
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "parquet"])
@@ -168,7 +170,10 @@ def test_parquet_rows():
     items = read(parquet_bytes(table), "parquet", "p.parquet")
     assert [r.text for r in kept(items)] == ["a", "c"]
     assert kept(items)[1].meta["origin"] == "p.parquet#2" and kept(items)[1].meta["fields"] == {"score": 0.9}
-    assert rejected(items)[0].reason == "missing_text_field"
+    assert [(r.reason, r.record.meta["origin"]) for r in rejected(items)] == [("empty_text", "p.parquet#1")]
+    # Without the column (a wrong text_field), every row says which fields it has.
+    items = read(parquet_bytes(table), "parquet", "p.parquet", text_field="body")
+    assert [r.reason for r in items] == ["missing_text_field"] * 3 and "text, score" in items[0].detail
 
 
 def test_parquet_with_invalid_utf8_in_a_string_column():
