@@ -17,21 +17,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-PROJECT_ENV = "LLMPIPE_PROJECT"
+from llmpipe import env
+from llmpipe.errors import UserError
+
+PROJECT_ENV = env.PROJECT.name
 
 
 def project_root(start: Path | None = None) -> Path:
     """The directory holding dvc.yaml: $LLMPIPE_PROJECT, else the first parent of `start` (cwd) with one."""
-    if os.environ.get(PROJECT_ENV):
-        root = Path(os.environ[PROJECT_ENV]).resolve()
+    root = env.project_dir()
+    if root is not None:
         if not (root / "dvc.yaml").exists():
-            raise ValueError(f"${PROJECT_ENV}={root} has no dvc.yaml; point it at an llmpipe project")
+            raise UserError(f"${PROJECT_ENV}={root} has no dvc.yaml; point it at an llmpipe project")
         return root
     here = (start or Path.cwd()).resolve()
     for candidate in (here, *here.parents):
         if (candidate / "dvc.yaml").exists():
             return candidate
-    raise ValueError(f"no dvc.yaml in {here} or any parent: run llmpipe inside a project (or set ${PROJECT_ENV})")
+    raise UserError(f"no dvc.yaml in {here} or any parent: run llmpipe inside a project (or set ${PROJECT_ENV})")
 
 
 def _temp_sibling(path: Path) -> Path:

@@ -1,12 +1,17 @@
 """The `llmpipe` command as a user meets it: help texts and clear errors."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from llmpipe.cli import main
 from tests.helpers import ROOT
+from tests.test_tracking import hold_run, kill_9
 
 
 def test_help_lists_every_command():
