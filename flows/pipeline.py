@@ -8,13 +8,31 @@ is in llmpipe.pipeline and the stage modules.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
+from llmpipe import env
+from llmpipe.errors import UserError
 from llmpipe.pipeline import check_run, is_stale, repro
 from llmpipe.stages import load_pipeline_config
 from llmpipe.tracking import PARENT_RUN_ENV, git_commit, tracked_run
+
+
+class UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task or flow with the exception's traceback; for a user error (a stage
+    that failed, whose own error is in the message) the traceback is our plumbing, not the problem.
+    `--debug` keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError) and not env.debug():
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):  # the loggers of Prefect's task and flow engines
+    logging.getLogger(_name).addFilter(UserErrorsWithoutTraceback())
 
 
 @task(task_run_name="{stage}")
