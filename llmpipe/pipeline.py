@@ -66,7 +66,7 @@ def check_run(root: Path, until: str | None, force: list[str]) -> list[str]:
     missing = missing_sources(root)
     if missing:
         raise UserError("source data missing: " + ", ".join(map(str, missing))
-                         + " (run `llmpipe fetch-demo` for the demo corpus, or `dvc pull`)")
+                         + " (tracked by their .dvc files but not in this workspace: `dvc pull` them from the DVC remote)")
     return stages
 
 
@@ -98,7 +98,8 @@ def repro(root: Path, stage: str, *, force: bool, env: dict[str, str] | None = N
 
 
 def missing_sources(root: Path) -> list[Path]:
-    """Data tracked by .dvc files (raw sources) that is absent from the workspace."""
+    """Data tracked by .dvc files (a user's raw sources) that is absent from the workspace. (The demo
+    corpus is no such file: the demo stage produces it.)"""
     missing = []
     for dvc_file in sorted(root.glob("data/**/*.dvc")):
         for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []:

