@@ -1,6 +1,8 @@
 """The training loop in one process: golden losses, the NaN guard, resume checks, accumulation errors."""
 
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -59,6 +61,25 @@ def test_a_nan_loss_stops_before_the_update_and_names_the_step_and_last_checkpoi
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters()), "the NaN update was applied"
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step-000004"]
     assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "step-000004")[2]["step"] == 4
+
+
+def test_a_finite_loss_with_an_infinite_gradient_stops_before_the_update(tmp_path):
+    trainer = small_trainer(tmp_path)
+    for _ in range(6):
+        trainer.train_step()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = {k: v.clone() for k, v in trainer.opt.state[trainer.model.norm.weight].items()}
+    # autograd hands the final norm an infinite gradient; the forward pass, and so the loss, stay finite
+    trainer.model.norm.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(NonFiniteError) as err:
+        trainer.train_step()
+    loss, norm = re.search(r"step 7: loss (\S+), grad norm (\S+);", str(err.value)).groups()
+    assert math.isfinite(float(loss)) and float(norm) == math.inf
+    assert trainer.step == 6
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), f"{name} was updated"
+    for key, value in trainer.opt.state[trainer.model.norm.weight].items():
+        assert torch.equal(value, moments[key]), f"optimizer {key} was updated"
 
 
 def test_resume_with_another_model_shape_or_tokenizer_is_refused_with_the_differences(tmp_path):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from llmpipe.train import checkpoint as ckpt
 from tests.train.synthetic import write_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
+VOCAB, BYTES_PER_TOKEN = 256, 3.5  # what write_tokens writes by default
 SMALL = {"n_layer": 2, "d_model": 128, "seq_len": 64, "micro_batch": 4, "global_batch_tokens": 512, "max_steps": 6,
          "warmup_steps": 2, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3, "sample_tokens": 0,
          "device": "cpu"}
@@ -43,7 +45,10 @@ def test_pretrain_stage_trains_checkpoints_plots_and_tracks(tmp_path, monkeypatc
     root = project(tmp_path)
     metrics = run_stage("pretrain", root)
     assert metrics["steps"] == 6 and metrics["tokens_seen"] == 6 * 512
-    assert metrics["val_loss"] < 5.6 and metrics["val_bpb"] > 0 and metrics["params"] > 0
+    # untrained, the model is near uniform over the 256 ids (val loss 5.60 measured with lr 1e-12); six
+    # steps reach 5.17 on this stream
+    assert metrics["val_loss"] < math.log(VOCAB) - 0.3 and metrics["params"] > 0
+    assert metrics["val_bpb"] == pytest.approx(metrics["val_loss"] / math.log(2) / BYTES_PER_TOKEN)
     assert json.loads((root / "metrics/pretrain.json").read_text()) == metrics
     model, cfg, meta = ckpt.load_checkpoint(root / "models/pretrain")  # final/
     assert meta["path"].endswith("final") and cfg.n_layer == 2 and meta["tokenizer"]["hash"] == "synthetic-tok"
