@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from llmpipe.errors import UserError
 from llmpipe.model import attention
 from llmpipe.model.attention import causal_attention, flash_attn_available, resolve_backend
 
@@ -52,15 +53,15 @@ def test_cpu_backends_agree_on_gradients_and_bf16():
 def test_resolve_backend():
     assert resolve_backend("auto", "cpu") == "sdpa"
     assert resolve_backend("math", "cpu") == "math"
-    with pytest.raises(ValueError, match="flash_attn, sdpa, math"):
+    with pytest.raises(UserError, match="flash_attn, sdpa, math"):
         resolve_backend("xformers", "cpu")
-    with pytest.raises(ValueError, match="flash_attn"):
+    with pytest.raises(UserError, match="flash_attn"):
         resolve_backend("flash_attn", "cpu")  # not installed, or installed but CPU: both refused
 
 
 @pytest.mark.skipif(flash_attn_available(), reason="flash-attn is installed here")
 def test_missing_flash_attn_says_how_to_install():
-    with pytest.raises(ValueError, match="pip install flash-attn"):
+    with pytest.raises(UserError, match="pip install flash-attn"):
         resolve_backend("flash_attn", "cuda")
 
 

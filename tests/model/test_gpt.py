@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmpipe.errors import UserError
 from llmpipe.model import GPT, ModelConfig
 
 V = 97
@@ -141,5 +142,5 @@ def test_generate():
 
 
 def test_too_long_input_is_refused():
-    with pytest.raises(ValueError, match="max_seq_len 32"):
+    with pytest.raises(UserError, match="max_seq_len 32"):
         GPT(small())(torch.zeros(1, 33, dtype=torch.long))

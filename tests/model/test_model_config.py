@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from llmpipe.errors import UserError
 from llmpipe.model import GPT, PRESETS, ModelConfig
 from llmpipe.model.config import swiglu_hidden
 
@@ -34,7 +35,7 @@ def test_width_override_rederives_heads_and_mlp():
 ])
 def test_validation_names_the_problem(kwargs, words):
     base = dict(vocab_size=100, n_layer=2)
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(UserError, match=words):
         ModelConfig(**{**base, **kwargs})
 
 
@@ -47,17 +48,17 @@ def test_json_round_trip():
 
 def test_from_dict_rejects_unknown_and_missing_keys():
     data = ModelConfig.from_preset("tiny", vocab_size=100).to_dict()
-    with pytest.raises(ValueError, match="dropout.*n_embd|n_embd.*dropout"):
+    with pytest.raises(UserError, match="dropout.*n_embd|n_embd.*dropout"):
         ModelConfig.from_dict({**data, "n_embd": 3, "dropout": 0.1})
     del data["vocab_size"]
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(UserError, match="vocab_size"):
         ModelConfig.from_dict(data)
 
 
 def test_unknown_preset_and_override():
-    with pytest.raises(ValueError, match="gpt2-124m"):  # lists the valid names
+    with pytest.raises(UserError, match="gpt2-124m"):  # lists the valid names
         ModelConfig.from_preset("gpt3", vocab_size=100)
-    with pytest.raises(ValueError, match="n_embd"):
+    with pytest.raises(UserError, match="n_embd"):
         ModelConfig.from_preset("tiny", vocab_size=100, n_embd=3)
 
 

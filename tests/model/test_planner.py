@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from llmpipe import cli
+from llmpipe.errors import UserError
 from llmpipe.model import PRESETS, ModelConfig
 from llmpipe.model.flops import PEAK_BF16_FLOPS, detect_peak_flops, flops_per_token, gpu_kind, mfu
 from llmpipe.model.planner import GiB, activation_bytes, format_plan, parse_count, plan
@@ -88,9 +89,9 @@ def test_default_tokens_are_chinchilla_and_warnings_fire():
 
 
 def test_plan_rejects_bad_input():
-    with pytest.raises(ValueError, match="H100-SXM"):
+    with pytest.raises(UserError, match="H100-SXM"):
         plan(HAND, 1000, "V100", 1, 0.4, 1, 64, None)
-    with pytest.raises(ValueError, match="mfu"):
+    with pytest.raises(UserError, match="mfu"):
         plan(HAND, 1000, "A100", 1, 1.5, 1, 64, None)
 
 
@@ -101,7 +102,7 @@ def test_parse_count(text, value):
 
 
 def test_parse_count_rejects_garbage():
-    with pytest.raises(ValueError, match="K/M/B/T"):
+    with pytest.raises(UserError, match="K/M/B/T"):
         parse_count("10X")
 
 

@@ -55,7 +55,7 @@ def test_a_folder_without_its_completion_marker_is_ignored(tmp_path):
     half = save(tmp_path / "step-000008", model, 8)
     (half / ckpt.MARKER).unlink()  # as if killed before the marker (e.g. a copy made by hand)
     assert ckpt.latest_checkpoint(tmp_path) == good
-    with pytest.raises(ValueError, match="no complete checkpoint"):
+    with pytest.raises(UserError, match="no complete checkpoint"):
         ckpt.resolve(half)
 
 

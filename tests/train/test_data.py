@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmpipe.errors import UserError
 from llmpipe.train.data import TokenWindows, TrainBatches, val_batches
 
 
@@ -53,10 +54,10 @@ def test_val_batches_are_fixed_spread_out_and_split_evenly_across_ranks():
     assert len(set(starts.tolist())) == 12  # distinct windows
     shared = val_batches(w, 4, 3, rank=0, world_size=2) + val_batches(w, 4, 3, rank=1, world_size=2)
     assert sorted(torch.cat([x[:, 0] for x, _ in shared]).tolist()) == sorted(starts.tolist())
-    with pytest.raises(ValueError, match="multiple of the world size"):
+    with pytest.raises(UserError, match="multiple of the world size"):
         val_batches(w, 3, 3, rank=0, world_size=2)
 
 
 def test_a_split_too_short_for_one_window_is_a_clear_error():
-    with pytest.raises(ValueError, match="seq_len \\+ 1 = 65"):
+    with pytest.raises(UserError, match="seq_len \\+ 1 = 65"):
         TokenWindows([np.arange(30, dtype=np.uint16)], 64, name="data/tokens/val")

@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from llmpipe.errors import UserError
 from llmpipe.train.schedule import Schedule
 
 
@@ -38,5 +39,5 @@ def test_no_warmup_starts_at_full_lr():
 @pytest.mark.parametrize("kwargs, word", [({"kind": "linear"}, "cosine, wsd"), ({"warmup_steps": 11}, "warmup_steps"),
                                           ({"min_lr_ratio": 2.0}, "min_lr_ratio")])
 def test_invalid_schedules_are_rejected_with_the_reason(kwargs, word):
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(UserError, match=word):
         Schedule(**{"lr": 1.0, "max_steps": 10, **kwargs})

@@ -134,7 +134,7 @@ def test_a_batch_that_does_not_divide_fails_before_training(tmp_path):
     root = project(tmp_path, global_batch_tokens=500)
     from llmpipe.train.stage import resolve
 
-    with pytest.raises(ValueError, match="global_batch_tokens \\(500\\) must be a multiple"):
+    with pytest.raises(UserError, match="global_batch_tokens \\(500\\) must be a multiple"):
         resolve(load_config("pretrain", root), root)
 
 
