@@ -64,3 +64,113 @@ def test_run_without_sources_says_how_to_get_them(tmp_path: Path, monkeypatch):
     result = CliRunner().invoke(main, ["run", "--until", "ingest"])
     assert result.exit_code != 0
     assert "source data missing" in result.output and "llmpipe fetch-demo" in result.output
+
+
+# -- one way to fail --------------------------------------------------------------------------------
+
+LLMPIPE = str(Path(sys.executable).parent / "llmpipe")
+
+
+def _project(root: Path) -> Path:
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    return root
+
+
+# One user error per command: (arguments, environment, in a project?, what the message must name).
+USER_ERRORS = {
+    "run": (["run"], {}, False, "no dvc.yaml in"),
+    "run --until": (["run", "--until", "clean", "--force", "pretrain"], {}, True, "--force pretrain: not among"),
+    "stage": (["stage", "ingest"], {}, False, "no dvc.yaml in"),
+    "stage (setting)": (["stage", "ingest"], {"LLMPIPE_WORKERS": "two"}, True, "LLMPIPE_WORKERS=two"),
+    "status": (["status"], {}, False, "no dvc.yaml in"),
+    "fetch-demo": (["fetch-demo"], {}, False, "no dvc.yaml in"),
+    "plan": (["plan", "--gpu", "TPU"], {}, False, "unknown GPU 'TPU'"),
+    "plan --tokens": (["plan", "--tokens", "lots"], {}, False, "cannot read token count 'lots'"),
+    "env": (["env"], {"LLMPIPE_TRACKING": "maybe"}, False, "LLMPIPE_TRACKING=maybe: not a switch"),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_every_command_reports_a_user_error_as_one_error_line_and_exit_1(case: str, tmp_path: Path, monkeypatch):
+    args, environ, in_project, expected = USER_ERRORS[case]
+    if in_project:
+        _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMPIPE_TRACKING", "off")
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # handled, not escaped as an exception
+    assert result.output.startswith("Error: ") and expected in result.output, result.output
+
+
+def _cli(args: list[str], cwd: Path, **environ: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LLMPIPE_DEBUG"}
+    return subprocess.run([LLMPIPE, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**env, "LLMPIPE_TRACKING": "off", **environ})
+
+
+def test_a_user_error_prints_no_traceback_and_debug_shows_it(tmp_path: Path):
+    plain = _cli(["stage", "ingest"], tmp_path)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.startswith("Error: no dvc.yaml in"), plain.stderr
+    for debug in (_cli(["--debug", "stage", "ingest"], tmp_path), _cli(["stage", "ingest"], tmp_path, LLMPIPE_DEBUG="on")):
+        assert debug.returncode == 1
+        assert "Traceback (most recent call last)" in debug.stderr and "UserError: no dvc.yaml in" in debug.stderr
+
+
+BROKEN_STAGE = '''
+from llmpipe.config import StageConfig
+
+class BrokenConfig(StageConfig):
+    pass
+
+def run(cfg, ctx):
+    return {"ratio": 1 / 0}  # a bug, not something the user can fix
+'''
+
+REGISTER_AND_RUN = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+from llmpipe.stages import STAGES, StageSpec
+STAGES["broken"] = StageSpec("broken", "broken_stage:BrokenConfig", "broken_stage:run", "a stage with a bug")
+from llmpipe.cli import main
+main(sys.argv[2:])
+'''
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path):
+    (tmp_path / "broken_stage.py").write_text(BROKEN_STAGE)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  broken:\n    cmd: llmpipe stage broken\n")
+    (tmp_path / "params.yaml").write_text("broken: {}\n")
+    proc = subprocess.run([sys.executable, "-c", REGISTER_AND_RUN, str(tmp_path), "stage", "broken"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "LLMPIPE_TRACKING": "off"})
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr and "ZeroDivisionError" in proc.stderr
+    assert "Error: " not in proc.stderr.splitlines()[0]
+
+
+def test_help_names_the_settings_and_env_shows_their_values(monkeypatch):
+    out = CliRunner().invoke(main, ["--help"]).output
+    assert "LLMPIPE_WORKERS" in out and "llmpipe env" in out
+    monkeypatch.setenv("LLMPIPE_WORKERS", "3")
+    out = CliRunner().invoke(main, ["env"]).output
+    assert "LLMPIPE_WORKERS=3\n" in out and "LLMPIPE_EXPERIMENT=(default)\n" in out
+
+
+def test_status_ends_the_run_of_a_killed_process_as_killed(tmp_path: Path, monkeypatch):
+    (tmp_path / "dvc.yaml").write_text("stages:\n  clean:\n    cmd: 'true'\n")
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMPIPE_TRACKING", "on")
+    holder, run_id = hold_run(tmp_path, "clean")
+    kill_9(holder)
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 0, result.output
+    assert f"ended as KILLED: clean ({run_id[:8]}): process {holder.pid} on " in result.output
+    assert "clean" in result.output.splitlines()[-1] and "KILLED" in result.output.splitlines()[-1]
+    from llmpipe.tracking import configure_mlflow
+
+    assert configure_mlflow(tmp_path).MlflowClient().get_run(run_id).info.status == "KILLED"
