@@ -100,11 +100,17 @@ def make_sampler(tokenizer_dir: Path, prompt: str) -> Sampler | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="resolved JSON written by the pretrain stage")
-    parser.add_argument("--result", help="where rank 0 writes the final metrics as JSON")
+    parser.add_argument("--result", help="where rank 0 writes the final metrics (or a user error) as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    metrics = train(json.loads(Path(args.config).read_text()))
-    if args.result and int(os.environ.get("RANK", 0)) == 0:
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    try:
+        metrics = train(json.loads(Path(args.config).read_text()))
+    except UserError as exc:  # for the stage to report as its own error, not as a failed torchrun
+        if args.result and is_main:
+            Path(args.result).write_text(json.dumps({"error": str(exc)}, indent=2) + "\n")
+        raise
+    if args.result and is_main:
         Path(args.result).write_text(json.dumps(metrics, indent=2) + "\n")
 
 

@@ -225,9 +225,12 @@ def _torchrun(cfg: PretrainConfig, ctx: StageContext, config_file: Path) -> dict
             proc.kill()
         raise
     _forward(log_file, offset, ctx)
+    outcome = read_json(result) if result.exists() else {}
+    if "error" in outcome:  # a refused resume, a bad setting: the ranks agreed on it
+        raise UserError(outcome["error"])
     if proc.returncode != 0:
         raise RuntimeError(f"torchrun exited with status {proc.returncode}; the ranks' errors are above")
-    return read_json(result)
+    return outcome
 
 
 def _forward(log_file: Path, offset: int, ctx: StageContext) -> int:

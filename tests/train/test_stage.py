@@ -13,7 +13,7 @@ from llmpipe.config import ConfigError
 from llmpipe.errors import UserError
 from llmpipe.stages import load_config, run_stage
 from llmpipe.train import checkpoint as ckpt
-from tests.train.synthetic import write_tokens
+from tests.train.synthetic import markov_tokens, write_split, write_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, BYTES_PER_TOKEN = 256, 3.5  # what write_tokens writes by default
@@ -80,6 +80,23 @@ def test_a_rerun_with_more_steps_resumes_under_torchrun_and_forwards_rank0_metri
     assert sorted(m.step for m in history) == [5, 6]
     lines = (root / "models/pretrain/metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines if "train/loss" in x] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_a_rerun_under_torchrun_on_other_token_shards_is_refused_as_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMPIPE_TRACKING", "off")
+    root = project(tmp_path, max_steps=2, checkpoint_every=2, eval_every=2)
+    run_stage("pretrain", root)
+    train_dir = root / "data" / "tokens" / "train"
+    shutil.rmtree(train_dir)
+    write_split(train_dir, markov_tokens(60_000, VOCAB, seed=9), VOCAB)  # other tokens, same tokenizer
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["pretrain"].update(distributed="ddp", nproc_per_node=2)  # settings a rerun may change
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError) as err:  # rank 0's refusal, not "torchrun exited with status 1"
+        run_stage("pretrain", root)
+    assert "training data sha256 (data/tokens/train)" in str(err.value)
+    assert f"delete {root / 'models' / 'pretrain'}" in str(err.value)
 
 
 @pytest.mark.slow
