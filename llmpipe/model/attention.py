@@ -65,7 +65,7 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
     if name == "flash_attn":
         if not flash_attn_available():
             raise UserError(f"attn_backend 'flash_attn' needs the flash-attn package ({_flash_import_error}); "
-                             "install it with `pip install flash-attn` on a CUDA machine, or use 'sdpa'")
+                            "install it with `pip install flash-attn` on a CUDA machine, or use 'sdpa'")
         if device.type != "cuda":
             raise UserError(f"attn_backend 'flash_attn' runs on CUDA only, not {device}; use 'sdpa' or 'auto'")
     choice = _auto(device.type, dtype) if name == "auto" else name

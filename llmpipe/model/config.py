@@ -118,7 +118,7 @@ class ModelConfig:
         if "d_model" in overrides and "n_head" not in overrides:
             if overrides["d_model"] % HEAD_DIM:
                 raise UserError(f"d_model override {overrides['d_model']} must be a multiple of {HEAD_DIM} "
-                                 f"to derive the heads, or pass n_head as well")
+                                f"to derive the heads, or pass n_head as well")
             overrides["n_head"] = overrides["d_model"] // HEAD_DIM
         if "n_head" in overrides and "n_kv_head" not in overrides:
             n_head = overrides["n_head"]

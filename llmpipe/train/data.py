@@ -35,7 +35,7 @@ class TokenWindows:
         if self.num_windows == 0:
             longest = max((len(s) for s in self.shards), default=0)
             raise UserError(f"{name}: no shard holds seq_len + 1 = {seq_len + 1} tokens (longest has {longest}); "
-                             f"lower seq_len or tokenize more text")
+                            f"lower seq_len or tokenize more text")
 
     def gather(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat window indices (B,) -> inputs, targets, both (B, T) int64."""
@@ -67,7 +67,7 @@ def val_batches(windows: TokenWindows, num_batches: int, batch_size: int, rank: 
     """This rank's share (batches rank, rank + W, ...) of a fixed set of evenly spaced val windows."""
     if num_batches % world_size:
         raise UserError(f"eval_batches ({num_batches}) must be a multiple of the world size ({world_size}) "
-                         f"so every rank evaluates the same number of batches")
+                        f"so every rank evaluates the same number of batches")
     n = num_batches * batch_size
     index = np.arange(n, dtype=np.int64) * windows.num_windows // n
     batches = index.reshape(num_batches, batch_size)[rank::world_size]

@@ -47,7 +47,7 @@ def init(device: str = "auto") -> World:
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
-                         f"use device: auto or cpu")
+                        f"use device: auto or cpu")
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

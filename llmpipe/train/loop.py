@@ -73,8 +73,8 @@ class TrainConfig:
         if self.global_batch_tokens % per_pass:
             near = max(1, round(self.global_batch_tokens / per_pass)) * per_pass
             raise UserError(f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of micro_batch x "
-                             f"seq_len x world_size = {self.micro_batch} x {self.seq_len} x {world_size} = {per_pass} "
-                             f"(e.g. {near})")
+                            f"seq_len x world_size = {self.micro_batch} x {self.seq_len} x {world_size} = {per_pass} "
+                            f"(e.g. {near})")
         return self.global_batch_tokens // per_pass
 
 

@@ -45,7 +45,7 @@ def train(resolved: dict[str, Any], tracker: Any = None) -> dict[str, float]:
     tokenizer_ref = tokenizer_reference(train_split.meta, val_split.meta, resolved["tokenizer_dir"])
     if model_cfg.vocab_size != tokenizer_ref["vocab_size"]:
         raise UserError(f"model vocab_size {model_cfg.vocab_size} != tokenizer vocab_size "
-                         f"{tokenizer_ref['vocab_size']} ({resolved['train_dir']}/meta.json)")
+                        f"{tokenizer_ref['vocab_size']} ({resolved['train_dir']}/meta.json)")
     bytes_per_token = val_split.meta["num_bytes"] / val_split.meta["num_tokens"]
     world = ddist.init(resolved.get("device", "auto"))
     try:
@@ -69,7 +69,7 @@ def tokenizer_reference(train_meta: dict, val_meta: dict, tokenizer_dir: str) ->
     """What a checkpoint records about its tokenizer (checked on resume and by later stages)."""
     if train_meta["tokenizer_hash"] != val_meta["tokenizer_hash"]:
         raise UserError("train and val token shards were made by different tokenizers "
-                         f"({train_meta['tokenizer_hash']} vs {val_meta['tokenizer_hash']}): rerun the tokenizer stage")
+                        f"({train_meta['tokenizer_hash']} vs {val_meta['tokenizer_hash']}): rerun the tokenizer stage")
     return {"hash": train_meta["tokenizer_hash"], "dir": tokenizer_dir, "vocab_size": train_meta["vocab_size"],
             **{k: train_meta.get(k) for k in ("eos_id", "bos_id", "pad_id")}}
 

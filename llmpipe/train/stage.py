@@ -115,7 +115,7 @@ def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
     tok_file = root / TOKENIZER / "tokenizer.json"
     if not tok_file.exists() or read_json(tok_file).get("hash") != meta["tokenizer_hash"]:
         raise UserError(f"{tok_file} is missing or disagrees with {meta_path} on the tokenizer hash: "
-                         f"rerun the tokenizer stage")
+                        f"rerun the tokenizer stage")
     sizes = {k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")}
     model = ModelConfig.from_preset(cfg.preset, meta["vocab_size"], max_seq_len=cfg.seq_len,
                                     attn_backend=cfg.attn_backend, **sizes)
