@@ -96,13 +96,14 @@ def test_resume_with_another_model_shape_or_tokenizer_is_refused_with_the_differ
 @pytest.mark.parametrize("n_tokens", [60_000, 50_000], ids=["same-length", "shorter"])
 def test_resuming_on_other_token_shards_is_refused_naming_what_changed(tmp_path, n_tokens):
     write_tokens(tmp_path)
-    train(resolved_config(tmp_path, train={"max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2, "eval_every": 2}))
+    every = {"warmup_steps": 1, "checkpoint_every": 2, "eval_every": 2}
+    train(resolved_config(tmp_path, train={"max_steps": 2, **every}))
     # the tokenizer stage rewrote the shards with other tokens under the same tokenizer (same meta hashes)
     train_dir = tmp_path / "data" / "tokens" / "train"
     shutil.rmtree(train_dir)
     write_split(train_dir, markov_tokens(n_tokens, 256, seed=9), 256)
     with pytest.raises(UserError) as err:
-        train(resolved_config(tmp_path, train={"max_steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "eval_every": 2}))
+        train(resolved_config(tmp_path, train={"max_steps": 4, **every}))
     msg = str(err.value)
     assert "cannot resume from" in msg and "step-000002" in msg
     assert "training data sha256 (data/tokens/train): checkpoint '" in msg
