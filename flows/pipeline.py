@@ -26,7 +26,7 @@ class UserErrorsWithoutTraceback(logging.Filter):
     `--debug` keeps it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError) and not env.debug():
+        if record.exc_info and isinstance(record.exc_info[1], UserError) and not env.debug_or_off():
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -39,16 +39,9 @@ class Cli(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
-            if _debug():
+            if env.debug_or_off():
                 raise  # Python prints the traceback and exits 1
             raise click.ClickException(str(exc)) from None
-
-
-def _debug() -> bool:
-    try:
-        return env.debug()
-    except UserError:  # a bad LLMPIPE_DEBUG is itself reported as the error
-        return False
 
 
 STAGE_HELP = "\n".join(f"  {name:<10} {spec.summary}" for name, spec in STAGES.items())

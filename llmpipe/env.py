@@ -99,6 +99,15 @@ def debug() -> bool:
     return _switch(DEBUG)
 
 
+def debug_or_off() -> bool:
+    """debug(), but False for a bad value: for error reporting and logging, which must not fail themselves
+    (`check` reports the bad value)."""
+    try:
+        return debug()
+    except UserError:
+        return False
+
+
 def parent_run_id() -> str | None:
     return PARENT_RUN_ID.raw()
 
@@ -124,5 +133,5 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["Setting", "SETTINGS", "check", "current_values", "debug", "experiment", "markdown_table",
+__all__ = ["Setting", "SETTINGS", "check", "current_values", "debug", "debug_or_off", "experiment", "markdown_table",
            "parent_run_id", "project_dir", "tracking_enabled", "tracking_uri", "workers"]
