@@ -49,6 +49,7 @@ def _outputs(root: Path) -> dict[str, bytes]:
             for stage_dir in ("data/raw", "data/clean", "data/dedup") for p in sorted((root / stage_dir).rglob("*.parquet"))}
 
 
+@pytest.mark.slow  # the three stages, seven times over
 def test_editing_a_stages_code_redoes_its_shards_and_only_its_own(project: Path):
     first = _run_all(project)
     assert _redone(first) == {"ingest": 5, "clean": 5, "dedup": 5, "dedup sketches": 5}
