@@ -72,6 +72,7 @@ class DedupConfig(StageConfig):
 
     @model_validator(mode="after")
     def _bands_cover_signature(self) -> DedupConfig:
+        # A ValueError in a validator: load_section makes it a ConfigError naming the key.
         if self.bands * self.rows != self.num_perm:
             raise ValueError(f"bands * rows must equal num_perm, got {self.bands} * {self.rows} = "
                              f"{self.bands * self.rows} != {self.num_perm}; e.g. num_perm {self.bands * self.rows}, "

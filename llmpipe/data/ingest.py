@@ -124,7 +124,7 @@ class IngestConfig(StageConfig):
     def _unique_names(self) -> IngestConfig:
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
+        if dupes:  # a ValueError in a validator: load_section makes it a ConfigError naming the key
             raise ValueError(f"source names must be unique (they key the accounting); repeated: {', '.join(dupes)}")
         return self
 

@@ -177,5 +177,6 @@ def open_split(path: Path | str) -> TokenSplit:
                              f"{'no file' if size < 0 else f'{size} bytes'}; re-run the tokenizer stage")
         shards.append(np.memmap(file, dtype=dtype, mode="r", shape=(entry["num_tokens"],)))
     if sum(s.shape[0] for s in shards) != meta["num_tokens"]:
-        raise UserError(f"{meta_path}: num_tokens {meta['num_tokens']} != sum of shard sizes; re-run the tokenizer stage")
+        raise UserError(f"{meta_path}: num_tokens {meta['num_tokens']} != sum of shard sizes; re-run the "
+                        f"tokenizer stage")
     return TokenSplit(path=path, meta=meta, shards=shards)

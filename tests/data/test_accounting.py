@@ -3,6 +3,7 @@ with an AccountingError naming the shard and the numbers, and the shard is not m
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ from llmpipe.data import ingest
 from llmpipe.data.accounting import AccountingError, Counts, Record, ShardWriter, content_id
 from llmpipe.data.shards import ShardTask, run_shards, shard_paths
 from llmpipe.io import done_info
-from tests.data.code_project import stage_context
+from tests.data.code_project import REPO, stage_context
 
 
 def _docs_project(root: Path, n: int = 3) -> ingest.IngestConfig:
@@ -64,3 +65,12 @@ def test_a_record_read_but_neither_kept_nor_rejected_stops_the_stage(tmp_path):
                                               r"  web: read 3 != kept 2 \+ rejected 0"):
         run_shards([task], forgets_the_last, workers=1, stage="clean")
     assert done_info(task.output) is None
+
+
+def test_data_checks_are_explicit_raises_not_asserts():
+    """`python -O` strips asserts: the data and tokenizer code checks data with explicit raises. The one
+    assert left guards an argument our own code passes (a programmer error that no data can cause)."""
+    files = sorted([*(REPO / "llmpipe" / "data").glob("*.py"), *(REPO / "llmpipe" / "tokenizer").glob("*.py")])
+    asserts = [(f.relative_to(REPO).as_posix(), ast.unparse(node.test)) for f in files
+               for node in ast.walk(ast.parse(f.read_text())) if isinstance(node, ast.Assert)]
+    assert asserts == [("llmpipe/tokenizer/shards.py", "tokens.ndim == 1")]

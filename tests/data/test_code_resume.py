@@ -45,8 +45,8 @@ def _redone(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def _outputs(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for stage_dir in ("data/raw", "data/clean", "data/dedup") for p in sorted((root / stage_dir).rglob("*.parquet"))}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for stage_dir in ("data/raw", "data/clean", "data/dedup")
+            for p in sorted((root / stage_dir).rglob("*.parquet"))}
 
 
 @pytest.mark.slow  # the three stages, seven times over

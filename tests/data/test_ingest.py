@@ -125,7 +125,8 @@ def test_every_source_type_with_accounting(mixed):
     why = sorted((r["source"], r["reason"], json.loads(r["meta"])["origin"]) for r in rejected)
     assert why == sorted([("notes", "empty_file", "corpus/empty.txt"), ("notes", "binary_file", "corpus/blob.txt"),
                           ("notes", "unknown_format", "corpus/LICENSE"), ("qa", "malformed_json", "data/qa.jsonl.gz:2"),
-                          ("qa", "missing_text_field", "data/qa.jsonl.gz:3"), ("qa", "empty_text", "data/qa.jsonl.gz:5"),
+                          ("qa", "missing_text_field", "data/qa.jsonl.gz:3"),
+                          ("qa", "empty_text", "data/qa.jsonl.gz:5"),
                           ("tar", "binary_file", "data/a.tar.gz:docs/bin.txt")])
     # The invariant, per source: read == kept + rejected, and every reject has its quarantine row.
     counts = marker_counts(root)
