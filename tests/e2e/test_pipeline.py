@@ -4,6 +4,7 @@ first through `dvc repro` alone, then through the Prefect flow, with MLflow on t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -71,7 +72,8 @@ def test_dvc_repro_trains_tokenizer_and_model_from_the_data_stages(project: Path
     model, cfg, ckpt_meta = load_checkpoint(project / "models" / "pretrain" / "final")
     assert cfg.vocab_size == tokenizer.vocab_size
     pre = json.loads((project / "metrics" / "pretrain.json").read_text())
-    assert pre["steps"] == 6 and pre["val_loss"] > 0
+    # an untrained model scores about ln(vocab) (8.35 here); six steps reach about 7.4
+    assert pre["steps"] == 6 and pre["val_loss"] < math.log(cfg.vocab_size) - 0.5
     curve = (project / "plots" / "pretrain_loss.csv").read_text().splitlines()
     assert curve[0].startswith("step") and len(curve) == 1 + 6
     run = _stage_runs(project, "pretrain")[0]
