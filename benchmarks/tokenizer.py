@@ -72,7 +72,7 @@ def main() -> None:
     import sentencepiece as spm
 
     from llmpipe.tokenizer import train
-    from llmpipe.tokenizer.tokenizer import Tokenizer
+    from llmpipe.tokenizer import Tokenizer
 
     docs = directory_documents(args.corpus_dir) if args.corpus_dir else demo_documents(args.cache_dir)
     if not docs:

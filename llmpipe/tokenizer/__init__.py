@@ -13,7 +13,7 @@ __all__ = ["Tokenizer", "open_split", "TokenSplit"]
 
 def __getattr__(name: str) -> Any:
     if name == "Tokenizer":
-        from llmpipe.tokenizer.tokenizer import Tokenizer
+        from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
 
         return Tokenizer
     if name in ("open_split", "TokenSplit"):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from llmpipe.errors import UserError
 from llmpipe.tokenizer.shards import FORMAT, ShardWriter, dtype_name, write_meta
-from llmpipe.tokenizer.tokenizer import Tokenizer
+from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
 
 SPLITS = ("train", "val")
 BATCH_CHARS = 8_000_000  # characters encoded per call to the thread pool (bounds memory)

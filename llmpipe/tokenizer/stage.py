@@ -32,7 +32,7 @@ from llmpipe.config import StageConfig
 from llmpipe.errors import UserError
 from llmpipe.io import atomic_path, read_json, sha256_file, write_json_atomic
 from llmpipe.tokenizer import encode, train
-from llmpipe.tokenizer.tokenizer import META_FILE, MODEL_FILE, SPECIAL_TOKENS, Tokenizer
+from llmpipe.tokenizer.sentencepiece_bpe import META_FILE, MODEL_FILE, SPECIAL_TOKENS, Tokenizer
 
 if TYPE_CHECKING:
     from llmpipe.stages import StageContext

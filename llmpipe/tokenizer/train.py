@@ -18,10 +18,11 @@ import re
 from collections.abc import Iterable, Iterator
 
 from llmpipe.errors import UserError
-from llmpipe.tokenizer.tokenizer import SPECIAL_TOKENS, split_for_encoding
+from llmpipe.tokenizer.sentencepiece_bpe import SPECIAL_TOKENS, split_for_encoding
 
-# Documents are fed as segments cut before a space (see tokenizer.py), at most this many characters,
-# so SentencePiece's sentence length limit (bytes) never drops text: 4 bytes per character at most.
+# Documents are fed as segments cut before a space (see sentencepiece_bpe.py), at most this many
+# characters, so SentencePiece's sentence length limit (bytes) never drops text: 4 bytes per character
+# at most.
 TRAIN_SEGMENT_CHARS = 2000
 MAX_SENTENCE_BYTES = 4 * TRAIN_SEGMENT_CHARS
 CONTROL_SYMBOLS = [SPECIAL_TOKENS[name] for name in ("system", "user", "assistant", "end_of_turn")]

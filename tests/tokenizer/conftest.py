@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmpipe.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer
+from llmpipe.tokenizer.sentencepiece_bpe import META_FILE, MODEL_FILE, Tokenizer
 from tests.tokenizer.synthetic import make_corpus
 
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from llmpipe.errors import UserError
-from llmpipe.tokenizer.tokenizer import SPECIAL_TOKENS, Tokenizer, split_for_encoding
+from llmpipe.tokenizer.sentencepiece_bpe import SPECIAL_TOKENS, Tokenizer, split_for_encoding
 from tests.tokenizer.synthetic import EXTRAS, TRICKY
 
 
