@@ -79,7 +79,7 @@ STAGES: dict[str, StageSpec] = {
                   "exact and MinHash-LSH near-duplicate removal",
                   inputs={"clean": "data/clean"}, outputs={"dedup": "data/dedup"},
                   code=("llmpipe/data/dedup.py", "llmpipe/data/minhash.py", *DATA_CODE)),
-        StageSpec("tokenizer", "llmpipe.tokenizer.stage:TokenizerConfig", "llmpipe.tokenizer.stage:run",
+        StageSpec("tokenizer", "llmpipe.tokenizer.tokenizer:TokenizerConfig", "llmpipe.tokenizer.tokenizer:run",
                   "train a SentencePiece BPE tokenizer and encode packed token shards",
                   inputs={"dedup": "data/dedup"}, outputs={"tokenizer": "models/tokenizer", "tokens": "data/tokens"},
                   code=("llmpipe/tokenizer", *SHARED_CODE)),

@@ -1,4 +1,5 @@
-"""The tokenizer stage's public interface: `Tokenizer` (train.py trains it) and token shards.
+"""The `tokenizer` stage (tokenizer.py) and its public interface: `Tokenizer` (sentencepiece_bpe.py;
+train.py trains it) and the token shards (shards.py; encode.py writes them).
 
 Kept light on purpose: the training loop imports `llmpipe.tokenizer.shards` (numpy only) on GPU
 machines without sentencepiece, so nothing here is imported until it is used.
