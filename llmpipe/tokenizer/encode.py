@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llmpipe.errors import UserError
-from llmpipe.tokenizer.shards import FORMAT, ShardWriter, dtype_name, write_meta
+from llmpipe.tokenizer.shards import TOKENS_FORMAT, TokenShardWriter, dtype_name, write_split_meta
 from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
 
 SPLITS = ("train", "val")
@@ -96,7 +96,7 @@ def encode_corpus(tok: Tokenizer, files: list[Path], out_dir: Path, val_ratio: f
     The caller owns atomicity of `out_dir` (a temp dir renamed when this returns)."""
     is_byte = np.array([tok.is_byte(i) for i in range(tok.vocab_size)])
     stats = {s: SplitStats(id_counts=np.zeros(tok.vocab_size, dtype=np.int64)) for s in SPLITS}
-    writers = {s: ShardWriter(out_dir / s, tok.vocab_size, shard_tokens) for s in SPLITS}
+    writers = {s: TokenShardWriter(out_dir / s, tok.vocab_size, shard_tokens) for s in SPLITS}
     eos = (tok.eos_id,)
     try:
         with tqdm(total=len(files), desc="tokenizer: encode", unit="part", disable=None) as bar:
@@ -131,8 +131,8 @@ def encode_corpus(tok: Tokenizer, files: list[Path], out_dir: Path, val_ratio: f
     for split in SPLITS:
         st = stats[split]
         st.byte_tokens = int(st.id_counts[is_byte].sum())
-        write_meta(out_dir / split, {
-            "format": FORMAT, "dtype": dtype_name(writers[split].dtype), "vocab_size": tok.vocab_size,
+        write_split_meta(out_dir / split, {
+            "format": TOKENS_FORMAT, "dtype": dtype_name(writers[split].dtype), "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id,
             "num_tokens": st.tokens, "num_documents": st.documents, "num_bytes": st.bytes,
             "tokenizer_hash": tok.hash, "shards": st.shards, **meta,

@@ -29,7 +29,7 @@ import sentencepiece as spm
 from llmpipe.errors import UserError
 
 MODEL_FILE = "tokenizer.model"
-META_FILE = "tokenizer.json"
+TOKENIZER_META_FILE = "tokenizer.json"
 SPACE_SYMBOL = "\u2581"  # SentencePiece's escaped space, "▁"
 SEGMENT_CHARS = 1000  # target segment length for encoding; any value gives the same ids
 
@@ -92,7 +92,7 @@ class Tokenizer:
     def load(cls, directory: Path | str) -> "Tokenizer":
         """Load from the tokenizer stage's output directory (`models/tokenizer/`)."""
         directory = Path(directory)
-        model_file, meta_file = directory / MODEL_FILE, directory / META_FILE
+        model_file, meta_file = directory / MODEL_FILE, directory / TOKENIZER_META_FILE
         if not model_file.exists():
             raise UserError(f"{model_file} not found: run the tokenizer stage (llmpipe stage tokenizer)")
         tok = cls(model_file)

@@ -22,8 +22,8 @@ import numpy as np
 from llmpipe.errors import UserError  # stdlib only, like llmpipe.io
 from llmpipe.io import write_json_atomic  # stdlib-only at import, like this module
 
-FORMAT = "llmpipe.tokens/1"
-META_FILE = "meta.json"
+TOKENS_FORMAT = "llmpipe.tokens/1"
+SPLIT_META_FILE = "meta.json"
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -41,7 +41,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.bin"
 
 
-class ShardWriter:
+class TokenShardWriter:
     """Append token arrays to a split directory, cutting a new shard every `max_tokens` tokens.
 
     Each shard is streamed into a temp file and renamed into place when full (or on `close`), so a
@@ -110,7 +110,7 @@ class ShardWriter:
         os.replace(self._tmp, self.directory / name)
         self.shards.append({"file": name, "num_tokens": self._in_shard})
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> "TokenShardWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -120,9 +120,9 @@ class ShardWriter:
             self.abort()
 
 
-def write_meta(directory: Path | str, meta: dict[str, Any]) -> None:
+def write_split_meta(directory: Path | str, meta: dict[str, Any]) -> None:
     """Write meta.json atomically: the split counts as readable once it exists."""
-    write_json_atomic(Path(directory) / META_FILE, meta)
+    write_json_atomic(Path(directory) / SPLIT_META_FILE, meta)
 
 
 @dataclass
@@ -153,12 +153,12 @@ class TokenSplit:
 def open_split(path: Path | str) -> TokenSplit:
     """Open `data/tokens/<split>/`: validate meta.json against the shard files and memmap each shard."""
     path = Path(path)
-    meta_path = path / META_FILE
+    meta_path = path / SPLIT_META_FILE
     if not meta_path.exists():
         raise UserError(f"{meta_path} not found: {path} is not a finished token split (run the tokenizer stage)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{meta_path}: format {meta.get('format')!r}, this code reads {FORMAT!r}; re-run the "
+    if meta.get("format") != TOKENS_FORMAT:
+        raise UserError(f"{meta_path}: format {meta.get('format')!r}, this code reads {TOKENS_FORMAT!r}; re-run the "
                         f"tokenizer stage")
     vocab_size = meta.get("vocab_size")
     if not isinstance(vocab_size, int) or vocab_size < 1:

@@ -32,7 +32,7 @@ from llmpipe.config import StageConfig
 from llmpipe.errors import UserError
 from llmpipe.io import atomic_path, read_json, sha256_file, write_json_atomic
 from llmpipe.tokenizer import encode, train
-from llmpipe.tokenizer.sentencepiece_bpe import META_FILE, MODEL_FILE, SPECIAL_TOKENS, Tokenizer
+from llmpipe.tokenizer.sentencepiece_bpe import MODEL_FILE, SPECIAL_TOKENS, TOKENIZER_META_FILE, Tokenizer
 
 if TYPE_CHECKING:
     from llmpipe.stages import StageContext
@@ -116,7 +116,7 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
     # 1. Train, or reuse the finished tokenizer of an interrupted run with the same fingerprint.
     metrics = _train_or_reuse(cfg, ctx, sample, source_hash, model_dir)
     tok = Tokenizer.load(model_dir)
-    info = read_json(model_dir / META_FILE)
+    info = read_json(model_dir / TOKENIZER_META_FILE)
 
     # 2. The yardstick: a Hugging Face byte-level BPE of equal vocabulary on the same sample.
     reference, ref_seconds, ref_val_tokens = None, [0.0], [0]
@@ -144,7 +144,7 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
                                      meta={"source_hash": source_hash},
                                      val_hook=count_reference if reference is not None else None)
     encode_seconds = time.perf_counter() - started - ref_seconds[0]
-    for path in [model_dir / MODEL_FILE, model_dir / META_FILE, tokens_dir / "train" / "meta.json",
+    for path in [model_dir / MODEL_FILE, model_dir / TOKENIZER_META_FILE, tokens_dir / "train" / "meta.json",
                  tokens_dir / "val" / "meta.json"]:
         ctx.tracker.log_artifact(path, artifact_path=path.parent.relative_to(ctx.root).as_posix())
 
@@ -195,7 +195,7 @@ def _train_or_reuse(cfg: TokenizerConfig, ctx: StageContext, sample: TrainingSam
     with atomic_path(model_dir) as tmp:
         tmp.mkdir()
         (tmp / MODEL_FILE).write_bytes(model)
-        write_json_atomic(tmp / META_FILE, _tokenizer_meta(cfg, options, sample, source_hash, fingerprint,
+        write_json_atomic(tmp / TOKENIZER_META_FILE, _tokenizer_meta(cfg, options, sample, source_hash, fingerprint,
                                                            sha256_file(tmp / MODEL_FILE)))
     return {"tokenizer_reused": 0.0, "train_time_s": seconds}
 
@@ -232,7 +232,7 @@ def _fingerprint(cfg: TokenizerConfig, options: dict, source_hash: str, code: st
 
 
 def _reusable(model_dir: Path, fingerprint: str) -> bool:
-    meta_file, model_file = model_dir / META_FILE, model_dir / MODEL_FILE
+    meta_file, model_file = model_dir / TOKENIZER_META_FILE, model_dir / MODEL_FILE
     if not (meta_file.exists() and model_file.exists()):
         return False
     meta = read_json(meta_file)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmpipe.tokenizer.sentencepiece_bpe import META_FILE, MODEL_FILE, Tokenizer
+from llmpipe.tokenizer.sentencepiece_bpe import MODEL_FILE, TOKENIZER_META_FILE, Tokenizer
 from tests.tokenizer.synthetic import make_corpus
 
 
@@ -25,7 +25,7 @@ def tokenizer_dir(corpus, tmp_path_factory) -> Path:
     model = train.train_sentencepiece(sentences, vocab_size=600, character_coverage=0.9995, num_threads=2)
     out = tmp_path_factory.mktemp("tokenizer")
     (out / MODEL_FILE).write_bytes(model)
-    (out / META_FILE).write_text('{"hash": "%s"}' % hashlib.sha256(model).hexdigest())
+    (out / TOKENIZER_META_FILE).write_text('{"hash": "%s"}' % hashlib.sha256(model).hexdigest())
     return out
 
 

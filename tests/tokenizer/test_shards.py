@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 
 from llmpipe.errors import UserError
-from llmpipe.tokenizer.shards import FORMAT, ShardWriter, dtype_for_vocab, dtype_name, open_split, write_meta
+from llmpipe.tokenizer.shards import (TOKENS_FORMAT, TokenShardWriter, dtype_for_vocab, dtype_name, open_split,
+                                      write_split_meta)
 
 
 def _write_split(directory, vocab_size, chunks, max_tokens):
-    with ShardWriter(directory, vocab_size, max_tokens) as writer:
+    with TokenShardWriter(directory, vocab_size, max_tokens) as writer:
         for chunk in chunks:
             writer.write(chunk)
     total = sum(len(c) for c in chunks)
-    write_meta(directory, {"format": FORMAT, "dtype": dtype_name(writer.dtype), "vocab_size": vocab_size,
-                           "eos_id": 2, "bos_id": 1, "pad_id": 3, "num_tokens": total, "num_documents": len(chunks),
-                           "num_bytes": 0, "tokenizer_hash": "t", "source_hash": "s", "shards": writer.shards})
+    write_split_meta(directory, {
+        "format": TOKENS_FORMAT, "dtype": dtype_name(writer.dtype), "vocab_size": vocab_size,
+        "eos_id": 2, "bos_id": 1, "pad_id": 3, "num_tokens": total, "num_documents": len(chunks),
+        "num_bytes": 0, "tokenizer_hash": "t", "source_hash": "s", "shards": writer.shards})
     return writer
 
 
@@ -51,7 +53,7 @@ def test_written_tokens_read_back_through_memmap(tmp_path, vocab_size):
 
 
 def test_writer_rejects_ids_outside_the_vocabulary(tmp_path):
-    writer = ShardWriter(tmp_path, 1000, max_tokens=100)
+    writer = TokenShardWriter(tmp_path, 1000, max_tokens=100)
     with pytest.raises(ValueError, match="out of range"):
         writer.write(np.array([1, 1000]))
     with pytest.raises(ValueError, match="out of range"):
@@ -60,7 +62,7 @@ def test_writer_rejects_ids_outside_the_vocabulary(tmp_path):
 
 def test_abort_leaves_no_partial_shard(tmp_path):
     with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path, 1000, max_tokens=4) as writer:
+        with TokenShardWriter(tmp_path, 1000, max_tokens=4) as writer:
             writer.write(np.arange(6))  # one full shard, one open
             raise RuntimeError("killed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.bin"]

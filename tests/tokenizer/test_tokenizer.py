@@ -173,7 +173,7 @@ def test_rerun_after_a_crash_while_encoding_finishes_with_the_same_bytes(tmp_pat
         raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM through tracking.Terminated) looks like
 
     with monkeypatch.context() as patch:
-        patch.setattr(encode.ShardWriter, "write", killed)
+        patch.setattr(encode.TokenShardWriter, "write", killed)
         with pytest.raises(KeyboardInterrupt):
             run_stage("tokenizer", root)
     assert (root / "models" / "tokenizer" / "tokenizer.model").exists()  # finished before the crash
