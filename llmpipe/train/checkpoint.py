@@ -3,11 +3,16 @@
 A checkpoint is a directory:
 
     model.safetensors    weights (fp32 as trained; a tied matrix is stored once, aliases in the metadata)
-    config.json          the ModelConfig (`ModelConfig.from_dict` rebuilds the model)
-    tokenizer.json       a reference to the tokenizer it was trained with: {"hash", "vocab_size", ...}
+    model_config.json    the ModelConfig (`ModelConfig.from_dict` rebuilds the model)
+    tokenizer_ref.json   a reference to the tokenizer it was trained with: {"hash", "vocab_size", ...}
     trainer_state.pt     only for resumable checkpoints: optimizer, schedule, RNG states, data position, step
     checkpoint.json      the completion marker (step, val loss, training data, ...), written last, with the
                          sha256 and size of every other file ("files")
+
+The config and the tokenizer reference are llmpipe's own formats; their names keep them apart from
+the Hugging Face `config.json` and `tokenizer.json` an export may write next to them. Checkpoints
+written before that rename (with those two names) still load: `checkpoint_file` finds each file
+under the name its checkpoint's marker says it was saved with.
 
 It is written under a `.tmp-*` name and renamed into place, so a crash mid-save leaves the previous
 checkpoints untouched; a `step-*` folder without its marker is ignored anyway. Loading checks every
@@ -35,8 +40,9 @@ from llmpipe.model import GPT, ModelConfig
 
 log = logging.getLogger("llmpipe.train")
 
-WEIGHTS, CONFIG, TOKENIZER, STATE, MARKER = (
-    "model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt", "checkpoint.json")
+WEIGHTS, MODEL_CONFIG, TOKENIZER_REF, STATE, MARKER = (
+    "model.safetensors", "model_config.json", "tokenizer_ref.json", "trainer_state.pt", "checkpoint.json")
+LEGACY_NAMES = {MODEL_CONFIG: "config.json", TOKENIZER_REF: "tokenizer.json"}  # before the rename
 STEP_DIR = re.compile(r"^step-(\d+)$")
 CORRUPT_SUFFIX = ".corrupt"  # a corrupt step-* folder set aside: no longer a checkpoint to resume or keep
 
@@ -81,8 +87,8 @@ def save_checkpoint(directory: Path | str, state_dict: dict[str, torch.Tensor], 
         tmp.mkdir()
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in aliases}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
-        _write_json(tmp / CONFIG, model_cfg.to_dict())
-        _write_json(tmp / TOKENIZER, tokenizer)
+        _write_json(tmp / MODEL_CONFIG, model_cfg.to_dict())
+        _write_json(tmp / TOKENIZER_REF, tokenizer)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE)
         _write_json(tmp / MARKER, {**meta, "resumable": trainer_state is not None, "files": _file_records(tmp)})
@@ -183,12 +189,25 @@ def read_meta(path: Path | str) -> dict[str, Any]:
     return json.loads((Path(path) / MARKER).read_text())
 
 
+def checkpoint_file(path: Path | str, name: str) -> Path:
+    """Where the checkpoint `path` keeps the file `name` (MODEL_CONFIG, TOKENIZER_REF, ...).
+
+    A checkpoint written before the rename has the LEGACY_NAMES instead. Its marker tells: the
+    current writer lists MODEL_CONFIG among its files, an older one listed "config.json" or, before
+    file hashes, no files at all. The marker decides rather than which file exists, because a Hugging
+    Face export may put its own config.json into the same folder."""
+    path = Path(path)
+    if name in LEGACY_NAMES and MODEL_CONFIG not in read_meta(path).get("files", {}):
+        return path / LEGACY_NAMES[name]
+    return path / name
+
+
 def read_model_config(path: Path | str) -> ModelConfig:
-    return ModelConfig.from_dict(json.loads((Path(path) / CONFIG).read_text()))
+    return ModelConfig.from_dict(json.loads(checkpoint_file(path, MODEL_CONFIG).read_text()))
 
 
 def read_tokenizer_ref(path: Path | str) -> dict[str, Any]:
-    return json.loads((Path(path) / TOKENIZER).read_text())
+    return json.loads(checkpoint_file(path, TOKENIZER_REF).read_text())
 
 
 def load_weights(path: Path | str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -204,8 +223,8 @@ def load_weights(path: Path | str, device: str | torch.device = "cpu") -> dict[s
     return state
 
 
-def resolve(path: Path | str) -> Path:
-    """A checkpoint dir, or a stage output dir (its final/, else its newest checkpoints/step-*)."""
+def find_checkpoint(path: Path | str) -> Path:
+    """The checkpoint `path` names: itself, or in a stage output dir its final/, else its newest checkpoints/step-*."""
     path = Path(path)
     if (path / MARKER).exists():
         return path
@@ -221,7 +240,7 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tup
     """Rebuild the model of a checkpoint: (model in eval mode, its config, meta incl. the tokenizer reference).
 
     CorruptCheckpoint (a UserError naming the file) if a file differs from what its marker recorded."""
-    path = resolve(path)
+    path = find_checkpoint(path)
     verify_checkpoint(path)
     cfg = read_model_config(path)
     model = GPT(cfg)

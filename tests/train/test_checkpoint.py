@@ -56,7 +56,7 @@ def test_a_folder_without_its_completion_marker_is_ignored(tmp_path):
     (half / ckpt.MARKER).unlink()  # as if killed before the marker (e.g. a copy made by hand)
     assert ckpt.latest_checkpoint(tmp_path) == good
     with pytest.raises(UserError, match="no complete checkpoint"):
-        ckpt.resolve(half)
+        ckpt.find_checkpoint(half)
 
 
 def test_prune_keeps_the_last_k_and_the_best_by_val_loss(tmp_path):
@@ -104,13 +104,13 @@ def test_the_marker_records_the_hash_and_size_of_every_other_file(tmp_path):
 
     path = save(tmp_path / "step-000002", GPT(CFG), 2)
     files = ckpt.read_meta(path)["files"]
-    assert set(files) == {ckpt.WEIGHTS, ckpt.CONFIG, ckpt.TOKENIZER, ckpt.STATE}
+    assert set(files) == {"model.safetensors", "model_config.json", "tokenizer_ref.json", "trainer_state.pt"}
     for name, record in files.items():
         data = (path / name).read_bytes()
         assert record == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
 
 
-@pytest.mark.parametrize("name, damage", [(ckpt.WEIGHTS, "truncate"), (ckpt.STATE, "flip"), (ckpt.CONFIG, "delete")])
+@pytest.mark.parametrize("name, damage", [(ckpt.WEIGHTS, "truncate"), (ckpt.STATE, "flip"), (ckpt.MODEL_CONFIG, "delete")])
 def test_loading_a_corrupt_checkpoint_is_a_user_error_naming_the_file(tmp_path, name, damage):
     path = save(tmp_path / "run" / "checkpoints" / "step-000002", GPT(CFG), 2)
     file = path / name
@@ -143,10 +143,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_sets_it_aside(tmp_path, ca
 
 
 def test_a_checkpoint_saved_before_file_hashes_loads_with_one_warning(tmp_path, caplog):
-    path = save(tmp_path / "step-000004", GPT(CFG), 4)
-    meta = ckpt.read_meta(path)
-    del meta["files"]
-    (path / ckpt.MARKER).write_text(json.dumps(meta))
+    path = write_old_layout(tmp_path / "step-000004", GPT(CFG), 4, with_hashes=False)
     with caplog.at_level(logging.WARNING, logger="llmpipe.train"):
         assert ckpt.newest_intact_checkpoint(tmp_path) == path
         assert ckpt.load_checkpoint(path)[2]["step"] == 4
@@ -167,3 +164,63 @@ def test_resuming_on_other_training_data_names_what_changed(tmp_path):
     assert "training data sha256 (data/tokens/train): checkpoint 'aaa' != now 'bbb'" in msg
     assert "training data num_windows (data/tokens/train): checkpoint 100 != now 90" in msg
     assert f"delete {tmp_path / 'run'} to start from scratch" in msg
+
+
+# -- checkpoints written before model_config.json / tokenizer_ref.json --------------------------------
+
+def write_old_layout(directory, model, step, with_hashes=True):
+    """A checkpoint as llmpipe wrote it before the rename, file by file: config.json and tokenizer.json,
+    a marker with the files' hashes, or (older still) without them."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    aliases = ckpt.tied_aliases(model)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+    (directory / "tokenizer.json").write_text(json.dumps(TOK, indent=2, sort_keys=True) + "\n")
+    torch.save({"step": step}, directory / "trainer_state.pt")
+    marker = {"step": step, "val_loss": None, "resumable": True}
+    if with_hashes:
+        marker["files"] = {f.name: {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "bytes": f.stat().st_size}
+                           for f in sorted(directory.iterdir())}
+    (directory / "checkpoint.json").write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+@pytest.mark.parametrize("with_hashes", [True, False], ids=["with-hashes", "before-hashes"])
+def test_a_checkpoint_in_the_old_layout_loads_and_resumes_like_a_new_one(tmp_path, with_hashes):
+    torch.manual_seed(1)
+    model = GPT(CFG)
+    path = write_old_layout(tmp_path / "run" / "checkpoints" / "step-000004", model, 4, with_hashes)
+    assert ckpt.newest_intact_checkpoint(tmp_path / "run" / "checkpoints") == path
+    loaded, cfg, meta = ckpt.load_checkpoint(tmp_path / "run")
+    assert cfg == CFG and meta["step"] == 4 and meta["tokenizer"] == TOK
+    idx = torch.randint(0, 64, (1, 8))
+    assert torch.equal(model.eval()(idx)[0], loaded(idx)[0])
+    ckpt.check_compatible(path, CFG, "tok-a")  # what a resume checks reads the old names too
+    with pytest.raises(UserError, match="tokenizer hash: checkpoint 'tok-a' != data 'tok-b'"):
+        ckpt.check_compatible(path, CFG, "tok-b")
+
+
+def test_a_changed_config_json_of_an_old_checkpoint_is_refused_by_name(tmp_path):
+    path = write_old_layout(tmp_path / "step-000004", GPT(CFG), 4)
+    config = path / "config.json"
+    config.write_text(config.read_text().replace('"n_layer": 1', '"n_layer": 2'))
+    with pytest.raises(UserError) as err:
+        ckpt.load_checkpoint(path)
+    assert f"{config}: " in str(err.value) and "cannot be used" in str(err.value)
+
+
+def test_a_hugging_face_config_json_next_to_a_checkpoint_is_not_taken_for_its_model_config(tmp_path):
+    path = save(tmp_path / "step-000004", GPT(CFG), 4)
+    hf_config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 7, "vocab_size": 64}
+    (path / "config.json").write_text(json.dumps(hf_config))  # e.g. an export into the same folder
+    (path / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    loaded, cfg, meta = ckpt.load_checkpoint(path)
+    assert cfg == CFG and meta["tokenizer"] == TOK
+    (path / "model_config.json").unlink()
+    with pytest.raises(UserError, match="model_config.json: missing"):  # not silently the export's config
+        ckpt.load_checkpoint(path)
