@@ -121,6 +121,33 @@ def status() -> None:
         click.echo(row)
 
 
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--source", "sources", multiple=True, metavar="PATH_OR_GLOB",
+              help="Your text: a file, a directory or a glob (txt, md, html, jsonl, csv, parquet; repeatable). "
+                   "Default: the demo corpus.")
+@click.option("--update", is_flag=True, help="Rewrite DIRECTORY's dvc.yaml from its params.yaml (after editing "
+                                             "ingest.sources, or after upgrading llmpipe).")
+def init(directory: Path, sources: tuple[str, ...], update: bool) -> None:
+    """Create an llmpipe project in DIRECTORY for your own data.
+
+    Writes params.yaml (every stage's defaults, with your sources) and dvc.yaml (from the stage
+    registry), initializes git and DVC, then `cd DIRECTORY && dvc repro` (or `llmpipe run`) trains.
+
+    Example: llmpipe init my-llm --source ~/notes --source "~/books/*.txt"
+    """
+    from llmpipe.project import init_project, update_dvc_yaml
+
+    if update:
+        if sources:
+            raise UserError("--update rewrites dvc.yaml from params.yaml; add sources to ingest.sources there "
+                            "instead of passing --source")
+        click.echo(f"rewrote {update_dvc_yaml(directory.resolve())}")
+        return
+    root = init_project(directory, list(sources))
+    click.echo(f"created an llmpipe project in {root}\nnext: cd {root} && dvc repro   (or: llmpipe run)")
+
+
 @main.command("env")
 def show_env() -> None:
     """List every environment variable llmpipe reads: meaning, default and current value."""

@@ -174,12 +174,20 @@ def run_stage(name: str, root: Path) -> dict[str, float]:
 CODE_PACKAGE = "llmpipe"
 
 
+def installed_package() -> Path:
+    """The directory of the llmpipe package that is running."""
+    return Path(__file__).resolve().parent
+
+
 def code_deps(root: Path, stage: str) -> list[str]:
-    """The deps of `stage` in dvc.yaml that are llmpipe's own code (files or folders under llmpipe/)."""
+    """The deps of `stage` in the project's dvc.yaml that are llmpipe's own code: `llmpipe/...` paths
+    (a project that carries the code) or absolute paths into the installed package (`llmpipe init`)."""
     import yaml
 
     spec = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {}).get(stage) or {}
-    return sorted(d for d in spec.get("deps") or [] if Path(d).parts[:1] == (CODE_PACKAGE,))
+    package = installed_package()
+    return sorted(d for d in spec.get("deps") or []
+                  if Path(d).parts[:1] == (CODE_PACKAGE,) or Path(d).is_relative_to(package))
 
 
 def code_fingerprint(root: Path, stage: str) -> str:
@@ -194,7 +202,7 @@ def code_fingerprint(root: Path, stage: str) -> str:
 
     from llmpipe.io import hash_tree
 
-    installed = Path(__file__).resolve().parent.parent
+    installed = installed_package().parent
     digest = hashlib.sha256()
     for dep in code_deps(root, stage):
         path = root / dep if (root / dep).exists() else installed / dep
