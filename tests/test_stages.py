@@ -1,5 +1,7 @@
 """The stage registry, the stage runner, and the params.yaml / dvc.yaml contract for every stage."""
 
+import ast
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,7 +11,8 @@ from pydantic import Field
 
 from llmpipe import stages
 from llmpipe.config import ConfigError, StageConfig
-from llmpipe.stages import STAGES, StageSpec, load_config, run_stage
+from llmpipe.project import source_deps
+from llmpipe.stages import STAGES, StageSpec, code_deps, load_config, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"] or {}
@@ -43,6 +46,37 @@ def test_dvc_stage_writes_its_metrics_file_and_deps_come_from_earlier_stages(nam
     later_outs = {next(iter(o)) if isinstance(o, dict) else o for s in list(DVC)[list(DVC).index(name):] for o in DVC[s].get("outs", [])}
     for dep in stage.get("deps", []):
         assert dep not in later_outs, f"{name} depends on {dep}, produced by itself or a later stage"
+
+
+def _names(entries: list) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries]
+
+
+@pytest.mark.parametrize("name", list(DVC))
+def test_registry_and_dvc_yaml_agree_on_inputs_outputs_and_code(name: str):
+    spec, stage = STAGES[name], DVC[name]
+    inputs = source_deps(PARAMS) if name == "ingest" else list(spec.inputs.values())
+    assert _names(stage.get("deps", [])) == [*inputs, *spec.code]
+    assert _names(stage.get("outs", [])) == list(spec.outputs.values())
+    assert code_deps(ROOT, name) == sorted(spec.code)
+
+
+def _code_strings(module: str) -> set[str]:
+    """String literals of a module's code, docstrings and comments left out."""
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings}
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_stage_modules_take_their_paths_from_the_registry(name: str):
+    declared = {p for spec in STAGES.values() for p in [*spec.inputs.values(), *spec.outputs.values()]}
+    module = STAGES[name].run.split(":")[0]
+    repeated = sorted(_code_strings(module) & declared)
+    assert not repeated, f"{module} repeats declared paths {repeated}: use ctx.input()/ctx.output()"
 
 
 class FakeConfig(StageConfig):
