@@ -1,8 +1,9 @@
 """The `tokenizer` stage: train a SentencePiece BPE tokenizer on the deduplicated corpus, then encode
-the corpus into train/val token shards.
+the corpus into train/val token shards. Its paths come from the registry (llmpipe.stages); the roles
+it asks for by name are in brackets:
 
-    data/dedup/part-*.parquet ─▶ models/tokenizer/{tokenizer.model, tokenizer.json}
-                              ─▶ data/tokens/{train,val}/{shard-*.bin, meta.json}
+    [dedup] data/dedup/part-*.parquet ─▶ [tokenizer] models/tokenizer/{tokenizer.model, tokenizer.json}
+                                      ─▶ [tokens] data/tokens/{train,val}/{shard-*.bin, meta.json}
 
 Split: a document goes to val when hash(id) < tokenizer.val_ratio (see encode.is_val), so the split
 never changes when other documents come or go. The tokenizer trains on train-split documents only
@@ -33,13 +34,11 @@ from llmpipe.errors import UserError
 from llmpipe.io import atomic_path, read_json, sha256_file, write_json_atomic
 from llmpipe.tokenizer import encode, train
 from llmpipe.tokenizer.sentencepiece_bpe import MODEL_FILE, SPECIAL_TOKENS, TOKENIZER_META_FILE, Tokenizer
+from llmpipe.tokenizer.shards import SPLIT_META_FILE
 
 if TYPE_CHECKING:
     from llmpipe.stages import StageContext
 
-INPUT = "data/dedup"
-MODEL_DIR = "models/tokenizer"
-TOKENS_DIR = "data/tokens"
 TOKENIZER_FORMAT = "llmpipe.tokenizer/1"
 
 
@@ -58,14 +57,14 @@ class TokenizerConfig(StageConfig):
 class TrainingSample:
     """The train-split documents the tokenizer learns from: those with hash(id) < fraction, about
     `max_chars` characters in all. Iterating yields SentencePiece sentences and records a hash and
-    counts of what was yielded; any two iterations yield the same."""
+    counts of what was yielded; any two iterations yield the same. `source` names the input in messages."""
 
-    def __init__(self, files: list[Path], val_ratio: float, max_chars: int):
+    def __init__(self, files: list[Path], val_ratio: float, max_chars: int, source: str):
         import pyarrow.compute as pc
 
         from llmpipe.io import iter_parquet_batches
 
-        self.files, self.val_ratio = files, val_ratio
+        self.files, self.val_ratio, self.source = files, val_ratio, source
         self.corpus_documents = self.val_documents = self.train_chars = 0
         for file in files:
             encode.check_schema(file)
@@ -98,90 +97,80 @@ class TrainingSample:
 
     def __str__(self) -> str:
         return (f"the training sample ({self.chars:,} characters in {self.documents:,} train-split documents "
-                f"of {self.corpus_documents:,} in {INPUT})")
+                f"of {self.corpus_documents:,} in {self.source})")
+
+
+class ReferenceBPE:
+    """The yardstick: a Hugging Face byte-level BPE of equal vocabulary trained on the same sample.
+
+    Called with each batch of val texts (encode_corpus's `val_hook`), it counts its own tokens for
+    them; the time that takes is kept apart, so encode_time_s measures our encoding alone."""
+
+    def __init__(self, sample: TrainingSample, vocab_size: int):
+        started = time.perf_counter()
+        self.bpe = train.train_reference_bpe(iter(sample), vocab_size)
+        self.train_seconds = time.perf_counter() - started
+        self.val_tokens = 0
+        self.count_seconds = 0.0
+
+    def __call__(self, texts: list[str]) -> None:
+        started = time.perf_counter()
+        self.val_tokens += train.count_reference_tokens(self.bpe, texts)
+        self.count_seconds += time.perf_counter() - started
+
+    def metrics(self, val: encode.SplitStats, bytes_per_token_val: float) -> dict[str, float]:
+        bytes_per_token = val.bytes / max(self.val_tokens, 1)
+        return {"ref_train_time_s": self.train_seconds, "ref_bytes_per_token_val": bytes_per_token,
+                "compression_vs_ref": bytes_per_token_val / bytes_per_token}
 
 
 def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
-    model_dir, tokens_dir = ctx.path(MODEL_DIR), ctx.path(TOKENS_DIR)
-    for leftover in [*model_dir.parent.glob(f".tmp-{model_dir.name}-*"),
-                     *tokens_dir.parent.glob(f".tmp-{tokens_dir.name}-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)  # a killed run's temp dirs
-    files = encode.input_files(ctx.path(INPUT))
-    if not files:
-        raise UserError(f"{ctx.path(INPUT)} has no part-*.parquet files: run the dedup stage first (dvc repro dedup)")
+    """Check the input, train (or reuse) the tokenizer and its yardstick, encode the shards, measure."""
+    input_dir, model_dir, tokens_dir = ctx.input("dedup"), ctx.output("tokenizer"), ctx.output("tokens")
+    _remove_temp_dirs_of_killed_runs(model_dir, tokens_dir)
+    files = _input_files(input_dir)
     source_hash = encode.source_hash(files)
-    sample = TrainingSample(files, cfg.val_ratio, cfg.train_max_chars)
+    sample = TrainingSample(files, cfg.val_ratio, cfg.train_max_chars, source=_shown(ctx, input_dir))
     _check_corpus(cfg, sample)
 
-    # 1. Train, or reuse the finished tokenizer of an interrupted run with the same fingerprint.
     metrics = _train_or_reuse(cfg, ctx, sample, source_hash, model_dir)
     tok = Tokenizer.load(model_dir)
     info = read_json(model_dir / TOKENIZER_META_FILE)
+    reference = _train_reference(cfg, sample, info)
+    stats, encode_seconds = _encode(cfg, ctx, tok, files, source_hash, tokens_dir, reference)
+    _log_artifacts(ctx, [model_dir / MODEL_FILE, model_dir / TOKENIZER_META_FILE,
+                         *(tokens_dir / split / SPLIT_META_FILE for split in encode.SPLITS)])
 
-    # 2. The yardstick: a Hugging Face byte-level BPE of equal vocabulary on the same sample.
-    reference, ref_seconds, ref_val_tokens = None, [0.0], [0]
-    if cfg.reference:
-        started = time.perf_counter()
-        reference = train.train_reference_bpe(iter(sample), cfg.vocab_size)
-        metrics["ref_train_time_s"] = time.perf_counter() - started
-        if sample.hash != info["training_data_hash"]:
-            raise RuntimeError(f"{sample} hashes to {sample.hash[:12]} on this pass, {info['training_data_hash'][:12]} "
-                               f"when the tokenizer was trained: {INPUT} changed while the stage ran (rerun the "
-                               f"tokenizer stage), or the sample is not deterministic (a bug in llmpipe)")
-
-    def count_reference(texts: list[str]) -> None:
-        started = time.perf_counter()
-        ref_val_tokens[0] += train.count_reference_tokens(reference, texts)
-        ref_seconds[0] += time.perf_counter() - started
-
-    # 3. Encode every document into train/val shards (round trip checked on val). Shards made by
-    # another tokenizer go first: if encoding fails, no mismatched pair is left at the final paths.
-    _remove_tokens_of_other_tokenizers(tokens_dir, tok.hash, ctx)
-    started = time.perf_counter()
-    with atomic_path(tokens_dir) as tmp:
-        tmp.mkdir()
-        stats = encode.encode_corpus(tok, files, tmp, cfg.val_ratio, cfg.shard_tokens, ctx.workers,
-                                     meta={"source_hash": source_hash},
-                                     val_hook=count_reference if reference is not None else None)
-    encode_seconds = time.perf_counter() - started - ref_seconds[0]
-    for path in [model_dir / MODEL_FILE, model_dir / TOKENIZER_META_FILE, tokens_dir / "train" / "meta.json",
-                 tokens_dir / "val" / "meta.json"]:
-        ctx.tracker.log_artifact(path, artifact_path=path.parent.relative_to(ctx.root).as_posix())
-
-    # 4. Quality metrics.
-    train_st, val_st = stats["train"], stats["val"]
-    val_content = val_st.tokens - val_st.documents  # eos tokens excluded: compare like with like
-    train_content = train_st.tokens - train_st.documents
-    metrics.update(
-        vocab_size=tok.vocab_size,
-        train_sample_documents=info["training_data"]["documents"],
-        train_sample_chars=info["training_data"]["characters"],
-        train_documents=train_st.documents, val_documents=val_st.documents,
-        train_tokens=train_st.tokens, val_tokens=val_st.tokens,
-        train_bytes=train_st.bytes, val_bytes=val_st.bytes,
-        bytes_per_token_val=val_st.bytes / max(val_content, 1),  # UTF-8 bytes per token: higher compresses better
-        # share of all vocab_size ids (specials and the 256 byte pieces included) that occur at least once
-        vocab_utilization_val=float((val_st.id_counts > 0).mean()),
-        vocab_utilization_train=float((train_st.id_counts > 0).mean()),
-        # share of tokens that are byte-fallback pieces (characters the vocabulary does not cover)
-        byte_fallback_rate_val=val_st.byte_tokens / max(val_content, 1),
-        byte_fallback_rate_train=train_st.byte_tokens / max(train_content, 1),
-        roundtrip_checked_documents=val_st.roundtrip_checked, roundtrip_failures=0,
-        encode_time_s=encode_seconds,  # reading, encoding, writing and the val round trip
-        encode_mb_per_s=(train_st.bytes + val_st.bytes) / 1e6 / max(encode_seconds, 1e-9),
-    )
+    metrics |= _quality_metrics(tok, info, stats) | _throughput_metrics(stats, encode_seconds)
     if reference is not None:
-        metrics["ref_bytes_per_token_val"] = val_st.bytes / max(ref_val_tokens[0], 1)
-        metrics["compression_vs_ref"] = metrics["bytes_per_token_val"] / metrics["ref_bytes_per_token_val"]
+        metrics.update(reference.metrics(stats["val"], metrics["bytes_per_token_val"]))
     ctx.log.info("val: %.3f bytes/token (reference %.3f), byte fallback %.4f, vocab used %.3f",
                  metrics["bytes_per_token_val"], metrics.get("ref_bytes_per_token_val", float("nan")),
                  metrics["byte_fallback_rate_val"], metrics["vocab_utilization_val"])
     return metrics
 
 
+def _remove_temp_dirs_of_killed_runs(*outputs: Path) -> None:
+    for output in outputs:
+        for leftover in output.parent.glob(f".tmp-{output.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _input_files(input_dir: Path) -> list[Path]:
+    files = encode.input_files(input_dir)
+    if not files:
+        raise UserError(f"{input_dir} has no part-*.parquet files: run the dedup stage first (dvc repro dedup)")
+    return files
+
+
+def _shown(ctx: StageContext, path: Path) -> str:
+    """A project path as messages show it: relative to the project root, as in dvc.yaml."""
+    return path.relative_to(ctx.root).as_posix()
+
+
 def _train_or_reuse(cfg: TokenizerConfig, ctx: StageContext, sample: TrainingSample, source_hash: str,
                     model_dir: Path) -> dict[str, float]:
-    """Write models/tokenizer/ (temp dir, then rename) unless a finished one has our fingerprint."""
+    """Write the tokenizer output (temp dir, then rename) unless a finished one has our fingerprint."""
     options = train.trainer_options(cfg.vocab_size, cfg.character_coverage, num_threads=0)
     del options["num_threads"], options["minloglevel"]  # how, not what: not part of the result
     fingerprint = _fingerprint(cfg, options, source_hash, ctx.code_fingerprint)
@@ -195,22 +184,87 @@ def _train_or_reuse(cfg: TokenizerConfig, ctx: StageContext, sample: TrainingSam
     with atomic_path(model_dir) as tmp:
         tmp.mkdir()
         (tmp / MODEL_FILE).write_bytes(model)
-        write_json_atomic(tmp / TOKENIZER_META_FILE, _tokenizer_meta(cfg, options, sample, source_hash, fingerprint,
-                                                           sha256_file(tmp / MODEL_FILE)))
+        meta = _tokenizer_meta(cfg, options, sample, source_hash, fingerprint, sha256_file(tmp / MODEL_FILE))
+        write_json_atomic(tmp / TOKENIZER_META_FILE, meta)
     return {"tokenizer_reused": 0.0, "train_time_s": seconds}
 
 
+def _train_reference(cfg: TokenizerConfig, sample: TrainingSample, info: dict) -> ReferenceBPE | None:
+    """The reference BPE (when tokenizer.reference is on), trained on a second pass over the sample,
+    which must hash as the pass the tokenizer was trained on did (recorded in tokenizer.json)."""
+    if not cfg.reference:
+        return None
+    reference = ReferenceBPE(sample, cfg.vocab_size)
+    if sample.hash != info["training_data_hash"]:
+        raise RuntimeError(f"{sample} hashes to {sample.hash[:12]} on this pass, {info['training_data_hash'][:12]} "
+                           f"when the tokenizer was trained: {sample.source} changed while the stage ran (rerun "
+                           f"the tokenizer stage), or the sample is not deterministic (a bug in llmpipe)")
+    return reference
+
+
+def _encode(cfg: TokenizerConfig, ctx: StageContext, tok: Tokenizer, files: list[Path], source_hash: str,
+            tokens_dir: Path, reference: ReferenceBPE | None) -> tuple[dict[str, encode.SplitStats], float]:
+    """Encode every document into train/val shards (round trip checked on val); returns the split
+    statistics and the seconds our encoding took (the reference's counting excluded).
+
+    Shards made by another tokenizer go first: if encoding fails, no mismatched pair is left at the
+    final paths."""
+    _remove_tokens_of_other_tokenizers(tokens_dir, tok.hash, ctx)
+    started = time.perf_counter()
+    with atomic_path(tokens_dir) as tmp:
+        tmp.mkdir()
+        stats = encode.encode_corpus(tok, files, tmp, cfg.val_ratio, cfg.shard_tokens, ctx.workers,
+                                     meta={"source_hash": source_hash}, val_hook=reference)
+    seconds = time.perf_counter() - started - (reference.count_seconds if reference is not None else 0.0)
+    return stats, seconds
+
+
 def _remove_tokens_of_other_tokenizers(tokens_dir: Path, tokenizer_hash: str, ctx: StageContext) -> None:
-    metas = [tokens_dir / split / "meta.json" for split in encode.SPLITS]
+    metas = [tokens_dir / split / SPLIT_META_FILE for split in encode.SPLITS]
     if tokens_dir.exists() and any(not m.exists() or read_json(m).get("tokenizer_hash") != tokenizer_hash
                                    for m in metas):
         ctx.log.info("removing %s: made by another tokenizer", tokens_dir)
         shutil.rmtree(tokens_dir)
 
 
+def _log_artifacts(ctx: StageContext, paths: list[Path]) -> None:
+    for path in paths:
+        ctx.tracker.log_artifact(path, artifact_path=path.parent.relative_to(ctx.root).as_posix())
+
+
+def _quality_metrics(tok: Tokenizer, info: dict, stats: dict[str, encode.SplitStats]) -> dict[str, float]:
+    train_st, val_st = stats["train"], stats["val"]
+    val_content = val_st.tokens - val_st.documents  # eos tokens excluded: compare like with like
+    train_content = train_st.tokens - train_st.documents
+    return dict(
+        vocab_size=tok.vocab_size,
+        train_sample_documents=info["training_data"]["documents"],
+        train_sample_chars=info["training_data"]["characters"],
+        train_documents=train_st.documents, val_documents=val_st.documents,
+        train_tokens=train_st.tokens, val_tokens=val_st.tokens,
+        train_bytes=train_st.bytes, val_bytes=val_st.bytes,
+        bytes_per_token_val=val_st.bytes / max(val_content, 1),  # UTF-8 bytes per token: higher compresses better
+        # share of all vocab_size ids (specials and the 256 byte pieces included) that occur at least once
+        vocab_utilization_val=float((val_st.id_counts > 0).mean()),
+        vocab_utilization_train=float((train_st.id_counts > 0).mean()),
+        # share of tokens that are byte-fallback pieces (characters the vocabulary does not cover)
+        byte_fallback_rate_val=val_st.byte_tokens / max(val_content, 1),
+        byte_fallback_rate_train=train_st.byte_tokens / max(train_content, 1),
+        # every val document was decoded and compared with its text (a mismatch stops the stage)
+        roundtrip_checked_documents=val_st.roundtrip_checked,
+    )
+
+
+def _throughput_metrics(stats: dict[str, encode.SplitStats], seconds: float) -> dict[str, float]:
+    """encode_mb_per_s: UTF-8 megabytes (1e6 bytes) of document text per second of encode_time_s,
+    which covers reading, encoding, writing and the val round trip."""
+    text_bytes = sum(st.bytes for st in stats.values())
+    return {"encode_time_s": seconds, "encode_mb_per_s": text_bytes / 1e6 / max(seconds, 1e-9)}
+
+
 def _check_corpus(cfg: TokenizerConfig, sample: TrainingSample) -> None:
     """Stop early, with what to change, on input the tokenizer cannot be trained or evaluated on."""
-    where = f"{INPUT} ({len(sample.files)} part files)"
+    where = f"{sample.source} ({len(sample.files)} part files)"
     if sample.corpus_documents == 0:
         raise UserError(f"{where} holds no documents: the corpus is empty. Check the ingest sources "
                          "and the clean/dedup settings, then re-run the data stages")

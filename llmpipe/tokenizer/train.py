@@ -89,8 +89,8 @@ def _explain(message: str, vocab_size: int, sample: str) -> UserError:
             f"tokenizer.vocab_size in params.yaml to at least {m[2]} (a few thousand for useful merges), "
             f"or lower tokenizer.character_coverage")
     if "sentences_.empty()" in message:
-        return UserError(f"no training text: {sample} is empty. Check that data/dedup holds documents "
-                          f"with text (re-run the data stages)")
+        return UserError(f"no training text: {sample} is empty. Check that its documents have text "
+                          f"(re-run the data stages)")
     return UserError(f"SentencePiece rejected the tokenizer settings in params.yaml: {message}")
 
 

@@ -1,118 +1,290 @@
-"""Pretraining entry point: `python -m llmpipe.train.pretrain --config resolved.json`.
+"""The `pretrain` stage: data/tokens + models/tokenizer -> models/pretrain.
 
-What `torchrun` runs on every rank (and what the stage calls in-process for one process). It needs
-only torch and numpy: the stage resolves params.yaml into a plain JSON file first.
+The only module of llmpipe.train that imports pydantic and MLflow. It resolves params.yaml into a
+plain JSON file (`models/pretrain/resolved_config.json`) and trains in this process, or, with
+nproc_per_node > 1, launches `torchrun ... -m llmpipe.train.pretrain --config <that file>` and
+forwards rank 0's metrics log to the tracker while it runs. Rerunning after a crash resumes from
+the newest checkpoint (models/pretrain is `persist: true` in dvc.yaml).
 
-    {"root": "/abs/project", "train_dir": "data/tokens/train", "val_dir": "data/tokens/val",
-     "tokenizer_dir": "models/tokenizer", "out_dir": "models/pretrain",
-     "model": {ModelConfig fields}, "train": {TrainConfig fields}, "sample_prompt": "ROMEO:"}
+Several nodes: `python -m llmpipe.train.stage` writes the resolved config; start on every node (from
+the project root, same paths everywhere)
 
-Rank 0 appends per-step metrics to <out_dir>/metrics.jsonl (the stage forwards them to MLflow) and,
-with --result, writes the final metrics there.
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=<node0>:29500 \
+        --rdzv-id=pretrain -m llmpipe.train.pretrain --config models/pretrain/resolved_config.json
+
+then `llmpipe stage pretrain` on node 0 finds the finished checkpoint, evaluates it and records the
+outputs (plots, metrics, MLflow) without training again.
+
+Outputs: models/pretrain/{checkpoints/step-XXXXXX, final, metrics.jsonl, samples.jsonl, samples.txt},
+plots/pretrain_loss.csv (step, train_loss, val_loss, lr).
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
+import csv
+import io
 import json
-import logging
-import os
+import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
+from pydantic import Field, model_validator
+
+from llmpipe.config import StageConfig
 from llmpipe.errors import UserError
-from llmpipe.io import sha256_file
+from llmpipe.io import read_json, write_json_atomic, write_text_atomic
 from llmpipe.model import ModelConfig
-from llmpipe.train import distributed as ddist
-from llmpipe.train.data import TokenWindows
-from llmpipe.train.loop import Sampler, TrainConfig, Trainer
+from llmpipe.stages import StageContext, code_deps, code_fingerprint
+from llmpipe.train import checkpoint as ckpt
+from llmpipe.train.loop import TrainConfig, truncate_jsonl
 
-if TYPE_CHECKING:
-    from llmpipe.tokenizer.shards import TokenSplit
-
-log = logging.getLogger("llmpipe.train")
+STAGE = "pretrain"
+TOKENS, TOKENIZER, OUT, PLOT = "data/tokens", "models/tokenizer", "models/pretrain", "plots/pretrain_loss.csv"
 
 
-def train(resolved: dict[str, Any], tracker: Any = None) -> dict[str, float]:
-    """Pretrain as `resolved` says (resuming from the newest checkpoint); returns the final metrics."""
-    from llmpipe.tokenizer.shards import open_split  # numpy-only reader of the token shards
+class PretrainConfig(StageConfig):
+    """The `pretrain` section of params.yaml."""
 
-    root = Path(resolved["root"])
-    cfg = TrainConfig(**resolved["train"])
-    model_cfg = ModelConfig.from_dict(resolved["model"])
-    train_split, val_split = open_split(root / resolved["train_dir"]), open_split(root / resolved["val_dir"])
-    tokenizer_ref = tokenizer_reference(train_split.meta, val_split.meta, resolved["tokenizer_dir"])
-    if model_cfg.vocab_size != tokenizer_ref["vocab_size"]:
-        raise UserError(f"model vocab_size {model_cfg.vocab_size} != tokenizer vocab_size "
-                        f"{tokenizer_ref['vocab_size']} ({resolved['train_dir']}/meta.json)")
-    bytes_per_token = val_split.meta["num_bytes"] / val_split.meta["num_tokens"]
-    world = ddist.init(resolved.get("device", "auto"))
+    # model: a preset, optionally with some of its sizes overridden
+    preset: Literal["tiny", "draft", "gpt2-124m", "350m", "1b"] = Field("tiny", description="model size preset")
+    n_layer: int | None = Field(None, ge=1, description="override the preset's depth")
+    d_model: int | None = Field(None, ge=64, description="override the preset's width (heads follow at 64 wide)")
+    n_head: int | None = Field(None, ge=1)
+    n_kv_head: int | None = Field(None, ge=1)
+    mlp_hidden: int | None = Field(None, ge=1)
+    qk_norm: bool | None = None
+    attn_backend: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"
+    # batch and length of training
+    seq_len: int = Field(256, ge=8, description="context length trained on (the model's max_seq_len)")
+    micro_batch: int = Field(4, ge=1, description="sequences per forward pass per process")
+    global_batch_tokens: int = Field(1024, ge=1, description="tokens per optimizer step, all processes together")
+    max_steps: int = Field(800, ge=1, description="optimizer steps (or give train_tokens instead)")
+    train_tokens: int | None = Field(None, ge=1, description="token budget: max_steps = ceil(train_tokens / global batch)")
+    # optimizer and schedule
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(30, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    # eval, checkpoints, logging
+    eval_every: int = Field(100, ge=1, description="steps between val loss / bpb / sample")
+    eval_batches: int = Field(8, ge=1, description="micro-batches in the fixed val set")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (best-by-val needs a multiple of eval_every)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept besides the best by val loss")
+    log_every: int = Field(1, ge=1)
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = Field(64, ge=0, description="tokens sampled at each eval (0: none)")
+    # hardware
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU that has it, else fp32")
+    compile: bool = Field(False, description="torch.compile the model (GPU; minutes of warm-up)")
+    distributed: Literal["none", "ddp", "fsdp2"] = "none"
+    nproc_per_node: int = Field(1, ge=1, description="> 1 launches torchrun with this many processes (one per GPU)")
+    seed: int = 1337
+    log_model: bool = Field(True, description="log final/ (weights) to MLflow as artifacts")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PretrainConfig":
+        if {"max_steps", "train_tokens"} <= self.model_fields_set:
+            raise ValueError("set max_steps or train_tokens, not both")
+        if self.nproc_per_node > 1 and self.distributed == "none":
+            raise ValueError("nproc_per_node > 1 needs distributed: ddp or fsdp2")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds the run's {self.steps} steps")
+        return self
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.train_tokens / self.global_batch_tokens) if self.train_tokens else self.max_steps
+
+
+def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
+    """params.yaml's section -> the plain JSON the training entry point reads (no pydantic there)."""
+    meta_path = root / TOKENS / "train" / "meta.json"
+    if not meta_path.exists():
+        raise UserError(f"{meta_path} not found: run the tokenizer stage first")
+    meta = read_json(meta_path)
+    tok_file = root / TOKENIZER / "tokenizer.json"
+    if not tok_file.exists() or read_json(tok_file).get("hash") != meta["tokenizer_hash"]:
+        raise UserError(f"{tok_file} is missing or disagrees with {meta_path} on the tokenizer hash: "
+                        f"rerun the tokenizer stage")
+    sizes = {k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")}
+    model = ModelConfig.from_preset(cfg.preset, meta["vocab_size"], max_seq_len=cfg.seq_len,
+                                    attn_backend=cfg.attn_backend, **sizes)
+    fields = set(TrainConfig.__dataclass_fields__)
+    train = {k: v for k, v in cfg.model_dump().items() if k in fields}
+    train["max_steps"] = cfg.steps
+    TrainConfig(**train).accum_steps(cfg.nproc_per_node)  # a batch that does not divide fails here, early
+    return {"root": str(root.resolve()), "train_dir": f"{TOKENS}/train", "val_dir": f"{TOKENS}/val",
+            "tokenizer_dir": TOKENIZER, "out_dir": OUT, "device": cfg.device, "model": model.to_dict(),
+            "train": train, "sample_prompt": cfg.sample_prompt, "code": code_fingerprint(root, STAGE)}
+
+
+# Settings a rerun may change and still continue the same run from its newest checkpoint: more steps,
+# another process count (the data order does not depend on it), and how often to evaluate/save/log.
+CONTINUABLE = {"max_steps", "eval_every", "eval_batches", "checkpoint_every", "keep_last", "log_every", "compile",
+               "distributed", "sample_tokens", "sample_temperature", "sample_top_k"}
+
+
+def check_continuation(root: Path, resolved: dict[str, Any]) -> None:
+    """Refuse to resume checkpoints that another training setup or other code produced.
+
+    DVC reruns this stage when any pretrain param or code dep changes; the persisted checkpoints then
+    belong to the old setup, and continuing them would record a model the new params and code never
+    trained. (The model shape, tokenizer and data are checked again by the trainer, on every rank's
+    behalf, when it loads a checkpoint.)"""
+    previous = root / OUT / "resolved_config.json"
+    if not previous.exists() or ckpt.latest_checkpoint(root / OUT / "checkpoints") is None:
+        return
+    old = read_json(previous)
+    diffs = _settings_diffs(old["train"], resolved["train"]) + _code_diffs(root, old.get("code"), resolved["code"])
+    if diffs:
+        raise UserError(f"{root / OUT / 'checkpoints'} holds a run trained with other settings or code:\n  "
+                        + "\n  ".join(diffs) + f"\nRestore them to continue it, or delete {root / OUT} to train "
+                        f"from scratch.")
+
+
+def _settings_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"pretrain.{k}: checkpoints {old.get(k)!r} != params.yaml {new.get(k)!r}"
+            for k in sorted(set(old) | set(new)) if k not in CONTINUABLE and old.get(k) != new.get(k)]
+
+
+def _code_diffs(root: Path, old: str | None, new: str) -> list[str]:
+    if old == new:
+        return []
+    deps = ", ".join(code_deps(root, STAGE))
+    then = "not recorded (saved by an older llmpipe)" if old is None else repr(old)
+    return [f"code ({deps}, the pretrain code deps in dvc.yaml): checkpoints {then} != now {new!r}"]
+
+
+def write_resolved_config(cfg: PretrainConfig, root: Path) -> tuple[Path, dict[str, Any]]:
+    resolved = resolve(cfg, root)
+    check_continuation(root, resolved)
+    config_file = root / OUT / "resolved_config.json"
+    write_json_atomic(config_file, resolved)
+    return config_file, resolved
+
+
+def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
+    from llmpipe.train.pretrain import train
+
+    out = ctx.path(OUT)
+    config_file, resolved = write_resolved_config(cfg, ctx.root)
+    ctx.tracker.log_params({f"resolved.model.{k}": v for k, v in resolved["model"].items()}
+                           | {"resolved.max_steps": cfg.steps, "resolved.params": ModelConfig.from_dict(resolved["model"]).num_params()})
+    monitor = _system_metrics(ctx)
     try:
-        # only rank 0 writes and resumes checkpoints, so only it reads every shard to hash them
-        data_ref = {"dir": resolved["train_dir"], "sha256": tokens_hash(train_split)} if world.is_main else None
-        trainer = Trainer(model_cfg, cfg, TokenWindows(train_split.shards, cfg.seq_len, resolved["train_dir"]),
-                          TokenWindows(val_split.shards, cfg.seq_len, resolved["val_dir"]),
-                          root / resolved["out_dir"], tokenizer_ref, bytes_per_token, tracker, world,
-                          make_sampler(root / resolved["tokenizer_dir"], resolved.get("sample_prompt", ""))
-                          if cfg.sample_tokens else None, data_ref)
-        if world.is_main:
-            log.info("model %s params, %d steps of %d tokens (accum %d x %d ranks), device %s",
-                     f"{trainer.model.num_params():,}", cfg.max_steps, cfg.global_batch_tokens, trainer.accum,
-                     world.world_size, world.device)
-        return trainer.fit()
+        if cfg.nproc_per_node > 1:
+            metrics = _torchrun(cfg, ctx, config_file)
+        else:
+            metrics = train(resolved, ctx.tracker)
     finally:
-        ddist.shutdown()
+        if monitor is not None:
+            monitor.finish()
+    write_text_atomic(ctx.path(PLOT), loss_csv(out / "metrics.jsonl"))
+    samples = out / "samples.txt"
+    write_text_atomic(samples, samples_text(out / "samples.jsonl"))
+    ctx.tracker.log_artifact(samples)
+    ctx.tracker.log_artifact(config_file)
+    if cfg.log_model:
+        ctx.tracker.log_artifact(out / "final", artifact_path="final")
+    return {k: float(v) for k, v in metrics.items()}
 
 
-def tokenizer_reference(train_meta: dict, val_meta: dict, tokenizer_dir: str) -> dict[str, Any]:
-    """What a checkpoint records about its tokenizer (checked on resume and by later stages)."""
-    if train_meta["tokenizer_hash"] != val_meta["tokenizer_hash"]:
-        raise UserError("train and val token shards were made by different tokenizers "
-                        f"({train_meta['tokenizer_hash']} vs {val_meta['tokenizer_hash']}): rerun the tokenizer stage")
-    return {"hash": train_meta["tokenizer_hash"], "dir": tokenizer_dir, "vocab_size": train_meta["vocab_size"],
-            **{k: train_meta.get(k) for k in ("eos_id", "bos_id", "pad_id")}}
-
-
-def tokens_hash(split: TokenSplit) -> str:
-    """sha256 over the names and contents of a split's shards, in meta.json's order: the tokens trained on.
-
-    meta.json's own hashes describe the tokenizer and the text it encoded, not the tokens: shards
-    rewritten under an unchanged tokenizer would keep them."""
-    digest = hashlib.sha256()
-    for entry in split.meta["shards"]:
-        digest.update(entry["file"].encode() + b"\0" + bytes.fromhex(sha256_file(split.path / entry["file"])))
-    return digest.hexdigest()
-
-
-def make_sampler(tokenizer_dir: Path, prompt: str) -> Sampler | None:
-    """Samples need the real tokenizer (sentencepiece); a bare GPU node may not have it."""
+def _torchrun(cfg: PretrainConfig, ctx: StageContext, config_file: Path) -> dict[str, float]:
+    """Train under torchrun on this node; forward rank 0's metrics log to the tracker as it grows."""
+    out = config_file.parent
+    result = out / "result.json"
+    result.unlink(missing_ok=True)
+    latest = ckpt.newest_intact_checkpoint(out / "checkpoints")  # what rank 0 will resume from
+    start = ckpt.read_meta(latest)["step"] if latest else 0
+    log_file = out / "metrics.jsonl"
+    truncate_jsonl(log_file, start)  # what the trainer does on resume; then only new lines appear
+    offset = log_file.stat().st_size if log_file.exists() else 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc_per_node}",
+           "-m", "llmpipe.train.pretrain", "--config", str(config_file), "--result", str(result)]
+    ctx.log.info("launching %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, cwd=ctx.root)
     try:
-        from llmpipe.tokenizer import Tokenizer
-    except ImportError as exc:
-        log.warning("no samples during training: cannot import the tokenizer (%s)", exc)
-        return None
-    tok = Tokenizer.load(tokenizer_dir)
-    prompt_ids = tok.encode(prompt) if prompt else []
-    return Sampler(prompt_ids or [tok.eos_id], tok.decode, tok.eos_id)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="resolved JSON written by the pretrain stage")
-    parser.add_argument("--result", help="where rank 0 writes the final metrics (or a user error) as JSON")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    is_main = int(os.environ.get("RANK", 0)) == 0
-    try:
-        metrics = train(json.loads(Path(args.config).read_text()))
-    except UserError as exc:  # for the stage to report as its own error, not as a failed torchrun
-        if args.result and is_main:
-            Path(args.result).write_text(json.dumps({"error": str(exc)}, indent=2) + "\n")
+        while proc.poll() is None:
+            time.sleep(1)
+            offset = _forward(log_file, offset, ctx)
+    except BaseException:  # SIGTERM/Ctrl-C of the stage: let the ranks checkpoint, then go
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         raise
-    if args.result and is_main:
-        Path(args.result).write_text(json.dumps(metrics, indent=2) + "\n")
+    _forward(log_file, offset, ctx)
+    outcome = read_json(result) if result.exists() else {}
+    if "error" in outcome:  # a refused resume, a bad setting: the ranks agreed on it
+        raise UserError(outcome["error"])
+    if proc.returncode != 0:
+        raise RuntimeError(f"torchrun exited with status {proc.returncode}; the ranks' errors are above")
+    return outcome
 
 
-if __name__ == "__main__":
-    main()
+def _forward(log_file: Path, offset: int, ctx: StageContext) -> int:
+    """Send complete lines after `offset` to the tracker; returns the new offset."""
+    if not log_file.exists():
+        return offset
+    with open(log_file, "rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    for line in complete.decode("utf-8").splitlines():
+        record = json.loads(line)
+        ctx.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    return offset + len(complete)
+
+
+def _system_metrics(ctx: StageContext) -> Any:
+    """CPU/GPU/memory/disk/network sampled into the stage's MLflow run (psutil; pynvml when present)."""
+    if not ctx.tracker.run_id:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(ctx.tracker.run_id, sampling_interval=10)  # MLFLOW_SYSTEM_METRICS_* env vars override
+    monitor.start()
+    return monitor
+
+
+def loss_csv(metrics_log: Path) -> str:
+    """metrics.jsonl -> step,train_loss,val_loss,lr (val_loss empty between evals)."""
+    rows: dict[int, dict[str, Any]] = {}
+    if metrics_log.exists():
+        for line in metrics_log.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            row = rows.setdefault(record["step"], {"step": record["step"]})
+            for key, name in (("train/loss", "train_loss"), ("val/loss", "val_loss"), ("train/lr", "lr")):
+                if key in record:
+                    row[name] = record[key]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "train_loss", "val_loss", "lr"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows[s] for s in sorted(rows))
+    return buf.getvalue()
+
+
+def samples_text(samples_log: Path) -> str:
+    if not samples_log.exists():
+        return ""
+    records = [json.loads(line) for line in samples_log.read_text(encoding="utf-8").splitlines()]
+    return "".join(f"=== step {r['step']} ===\n{r['text']}\n\n" for r in records)
+
+
+if __name__ == "__main__":  # multi-node: write the config every node's torchrun reads, print its path
+    from llmpipe.config import load_stage_config
+    from llmpipe.io import project_root
+
+    root = project_root()
+    print(write_resolved_config(load_stage_config(PretrainConfig, STAGE, root / "params.yaml"), root)[0])
