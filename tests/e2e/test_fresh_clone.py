@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from llmpipe.data.demo import DEMO_SHA256, OUTPUT
+from llmpipe.data.demo import DEMO_SHA256
 from llmpipe.io import sha256_file
+from llmpipe.stages import STAGES
 from tests.helpers import copy_checkout, run_dvc
 
 pytestmark = pytest.mark.slow
+
+OUTPUT = STAGES["demo"].outputs["archive"]
 
 
 def test_dvc_repro_dedup_is_the_first_command_in_a_fresh_clone(tmp_path: Path):
