@@ -83,7 +83,7 @@ STAGES: dict[str, StageSpec] = {
                   "train a SentencePiece BPE tokenizer and encode packed token shards",
                   inputs={"dedup": "data/dedup"}, outputs={"tokenizer": "models/tokenizer", "tokens": "data/tokens"},
                   code=("llmpipe/tokenizer", *SHARED_CODE)),
-        StageSpec("pretrain", "llmpipe.train.stage:PretrainConfig", "llmpipe.train.stage:run",
+        StageSpec("pretrain", "llmpipe.train.pretrain:PretrainConfig", "llmpipe.train.pretrain:run",
                   "pretrain the decoder-only transformer",
                   inputs={"tokens": "data/tokens", "tokenizer": "models/tokenizer"},
                   outputs={"model": "models/pretrain"},  # checkpoints/ (resumable), final/, logs

@@ -1,22 +1,25 @@
 """The `pretrain` stage: data/tokens + models/tokenizer -> models/pretrain.
 
-The only module of llmpipe.train that imports pydantic and MLflow. It resolves params.yaml into a
-plain JSON file (`models/pretrain/resolved_config.json`) and trains in this process, or, with
-nproc_per_node > 1, launches `torchrun ... -m llmpipe.train.pretrain --config <that file>` and
-forwards rank 0's metrics log to the tracker while it runs. Rerunning after a crash resumes from
-the newest checkpoint (models/pretrain is `persist: true` in dvc.yaml).
+The one module of llmpipe.train that imports more than torch, numpy and the standard library at
+module level (pydantic, with llmpipe's config and stage registry); what runs on each rank is in
+pretrain_worker.py. The stage resolves params.yaml into a plain JSON file
+(`models/pretrain/resolved_config.json`) and trains in this process, or, with nproc_per_node > 1,
+launches `torchrun ... -m llmpipe.train.pretrain_worker --config <that file>` and forwards rank 0's
+metrics log to the tracker while it runs. Rerunning after a crash resumes from the newest checkpoint
+(models/pretrain is `persist: true` in dvc.yaml); a rerun with other settings or code is refused.
 
-Several nodes: `python -m llmpipe.train.stage` writes the resolved config; start on every node (from
-the project root, same paths everywhere)
+Several nodes: `python -m llmpipe.train.pretrain` writes the resolved config and prints its path;
+start on every node (from the project root, same paths everywhere)
 
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=<node0>:29500 \
-        --rdzv-id=pretrain -m llmpipe.train.pretrain --config models/pretrain/resolved_config.json
+        --rdzv-id=pretrain -m llmpipe.train.pretrain_worker --config models/pretrain/resolved_config.json
 
 then `llmpipe stage pretrain` on node 0 finds the finished checkpoint, evaluates it and records the
 outputs (plots, metrics, MLflow) without training again.
 
 Outputs: models/pretrain/{checkpoints/step-XXXXXX, final, metrics.jsonl, samples.jsonl, samples.txt},
-plots/pretrain_loss.csv (step, train_loss, val_loss, lr).
+plots/pretrain_loss.csv (step, train_loss, val_loss, lr). Paths come from the stage registry
+(llmpipe/stages.py); the resolved config carries them as plain paths for the torch-only worker.
 """
 
 from __future__ import annotations
@@ -25,10 +28,6 @@ import csv
 import io
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,12 +37,15 @@ from llmpipe.config import StageConfig
 from llmpipe.errors import UserError
 from llmpipe.io import read_json, write_json_atomic, write_text_atomic
 from llmpipe.model import ModelConfig
-from llmpipe.stages import StageContext, code_deps, code_fingerprint
+from llmpipe.stages import StageContext, code_deps
 from llmpipe.train import checkpoint as ckpt
-from llmpipe.train.loop import TrainConfig, truncate_jsonl
+from llmpipe.train.launch import MetricsForwarder, launch_torchrun, system_metrics
+from llmpipe.train.loop import TrainConfig
+from llmpipe.train.pretrain_worker import train
 
 STAGE = "pretrain"
-TOKENS, TOKENIZER, OUT, PLOT = "data/tokens", "models/tokenizer", "models/pretrain", "plots/pretrain_loss.csv"
+WORKER = "llmpipe.train.pretrain_worker"  # what torchrun runs on every rank
+RESOLVED_CONFIG = "resolved_config.json"  # in the model output: the settings the checkpoints were trained with
 
 
 class PretrainConfig(StageConfig):
@@ -106,26 +108,44 @@ class PretrainConfig(StageConfig):
         return math.ceil(self.train_tokens / self.global_batch_tokens) if self.train_tokens else self.max_steps
 
 
-def resolve(cfg: PretrainConfig, root: Path) -> dict[str, Any]:
-    """params.yaml's section -> the plain JSON the training entry point reads (no pydantic there)."""
-    meta_path = root / TOKENS / "train" / "meta.json"
-    if not meta_path.exists():
-        raise UserError(f"{meta_path} not found: run the tokenizer stage first")
-    meta = read_json(meta_path)
-    tok_file = root / TOKENIZER / "tokenizer.json"
-    if not tok_file.exists() or read_json(tok_file).get("hash") != meta["tokenizer_hash"]:
-        raise UserError(f"{tok_file} is missing or disagrees with {meta_path} on the tokenizer hash: "
-                        f"rerun the tokenizer stage")
+def resolve_config(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
+    """params.yaml's section -> the plain JSON the worker reads (no pydantic there)."""
+    tokens, tokenizer = ctx.input("tokens"), ctx.input("tokenizer")
+    meta = _token_meta(tokens / "train", tokenizer)
     sizes = {k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")}
     model = ModelConfig.from_preset(cfg.preset, meta["vocab_size"], max_seq_len=cfg.seq_len,
                                     attn_backend=cfg.attn_backend, **sizes)
+    train_settings = _train_settings(cfg)
+    return {"root": str(ctx.root.resolve()), "train_dir": _relative(ctx, tokens / "train"),
+            "val_dir": _relative(ctx, tokens / "val"), "tokenizer_dir": _relative(ctx, tokenizer),
+            "out_dir": _relative(ctx, ctx.output("model")), "device": cfg.device, "model": model.to_dict(),
+            "train": train_settings, "sample_prompt": cfg.sample_prompt, "code": ctx.code_fingerprint}
+
+
+def _token_meta(train_dir: Path, tokenizer_dir: Path) -> dict[str, Any]:
+    """The train split's meta.json, after checking it was encoded by the tokenizer in `tokenizer_dir`."""
+    meta_path = train_dir / "meta.json"
+    if not meta_path.exists():
+        raise UserError(f"{meta_path} not found: run the tokenizer stage first")
+    meta = read_json(meta_path)
+    tok_file = tokenizer_dir / "tokenizer.json"  # the tokenizer stage's description of its model
+    if not tok_file.exists() or read_json(tok_file).get("hash") != meta["tokenizer_hash"]:
+        raise UserError(f"{tok_file} is missing or disagrees with {meta_path} on the tokenizer hash: "
+                        f"rerun the tokenizer stage")
+    return meta
+
+
+def _train_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """The TrainConfig fields of the section, with the step count a token budget implies."""
     fields = set(TrainConfig.__dataclass_fields__)
-    train = {k: v for k, v in cfg.model_dump().items() if k in fields}
-    train["max_steps"] = cfg.steps
-    TrainConfig(**train).accum_steps(cfg.nproc_per_node)  # a batch that does not divide fails here, early
-    return {"root": str(root.resolve()), "train_dir": f"{TOKENS}/train", "val_dir": f"{TOKENS}/val",
-            "tokenizer_dir": TOKENIZER, "out_dir": OUT, "device": cfg.device, "model": model.to_dict(),
-            "train": train, "sample_prompt": cfg.sample_prompt, "code": code_fingerprint(root, STAGE)}
+    settings = {k: v for k, v in cfg.model_dump().items() if k in fields}
+    settings["max_steps"] = cfg.steps
+    TrainConfig(**settings).accum_steps(cfg.nproc_per_node)  # a batch that does not divide fails here, early
+    return settings
+
+
+def _relative(ctx: StageContext, path: Path) -> str:
+    return path.relative_to(ctx.root).as_posix()
 
 
 # Settings a rerun may change and still continue the same run from its newest checkpoint: more steps,
@@ -134,21 +154,22 @@ CONTINUABLE = {"max_steps", "eval_every", "eval_batches", "checkpoint_every", "k
                "distributed", "sample_tokens", "sample_temperature", "sample_top_k"}
 
 
-def check_continuation(root: Path, resolved: dict[str, Any]) -> None:
+def check_continuation(ctx: StageContext, resolved: dict[str, Any]) -> None:
     """Refuse to resume checkpoints that another training setup or other code produced.
 
     DVC reruns this stage when any pretrain param or code dep changes; the persisted checkpoints then
     belong to the old setup, and continuing them would record a model the new params and code never
     trained. (The model shape, tokenizer and data are checked again by the trainer, on every rank's
     behalf, when it loads a checkpoint.)"""
-    previous = root / OUT / "resolved_config.json"
-    if not previous.exists() or ckpt.latest_checkpoint(root / OUT / "checkpoints") is None:
+    out = ctx.output("model")
+    previous = out / RESOLVED_CONFIG
+    if not previous.exists() or ckpt.latest_checkpoint(out / "checkpoints") is None:
         return
     old = read_json(previous)
-    diffs = _settings_diffs(old["train"], resolved["train"]) + _code_diffs(root, old.get("code"), resolved["code"])
+    diffs = _settings_diffs(old["train"], resolved["train"]) + _code_diffs(ctx, old.get("code"), resolved["code"])
     if diffs:
-        raise UserError(f"{root / OUT / 'checkpoints'} holds a run trained with other settings or code:\n  "
-                        + "\n  ".join(diffs) + f"\nRestore them to continue it, or delete {root / OUT} to train "
+        raise UserError(f"{out / 'checkpoints'} holds a run trained with other settings or code:\n  "
+                        + "\n  ".join(diffs) + f"\nRestore them to continue it, or delete {out} to train "
                         f"from scratch.")
 
 
@@ -157,105 +178,66 @@ def _settings_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             for k in sorted(set(old) | set(new)) if k not in CONTINUABLE and old.get(k) != new.get(k)]
 
 
-def _code_diffs(root: Path, old: str | None, new: str) -> list[str]:
+def _code_diffs(ctx: StageContext, old: str | None, new: str) -> list[str]:
     if old == new:
         return []
-    deps = ", ".join(code_deps(root, STAGE))
+    deps = ", ".join(code_deps(ctx.root, ctx.name))
     then = "not recorded (saved by an older llmpipe)" if old is None else repr(old)
     return [f"code ({deps}, the pretrain code deps in dvc.yaml): checkpoints {then} != now {new!r}"]
 
 
-def write_resolved_config(cfg: PretrainConfig, root: Path) -> tuple[Path, dict[str, Any]]:
-    resolved = resolve(cfg, root)
-    check_continuation(root, resolved)
-    config_file = root / OUT / "resolved_config.json"
+def write_resolved_config(cfg: PretrainConfig, ctx: StageContext) -> tuple[Path, dict[str, Any]]:
+    """Resolve, refuse a continuation of other settings or code, then write the worker's config file."""
+    resolved = resolve_config(cfg, ctx)
+    check_continuation(ctx, resolved)
+    config_file = ctx.output("model") / RESOLVED_CONFIG
     write_json_atomic(config_file, resolved)
     return config_file, resolved
 
 
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
-    from llmpipe.train.pretrain import train
-
-    out = ctx.path(OUT)
-    config_file, resolved = write_resolved_config(cfg, ctx.root)
-    ctx.tracker.log_params({f"resolved.model.{k}": v for k, v in resolved["model"].items()}
-                           | {"resolved.max_steps": cfg.steps, "resolved.params": ModelConfig.from_dict(resolved["model"]).num_params()})
-    monitor = _system_metrics(ctx)
-    try:
+    config_file, resolved = write_resolved_config(cfg, ctx)
+    log_resolved(ctx, cfg, resolved)
+    with system_metrics(ctx.tracker):
         if cfg.nproc_per_node > 1:
-            metrics = _torchrun(cfg, ctx, config_file)
+            metrics = train_under_torchrun(cfg, ctx, config_file)
         else:
             metrics = train(resolved, ctx.tracker)
-    finally:
-        if monitor is not None:
-            monitor.finish()
-    write_text_atomic(ctx.path(PLOT), loss_csv(out / "metrics.jsonl"))
+    publish_outputs(cfg, ctx, config_file)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def log_resolved(ctx: StageContext, cfg: PretrainConfig, resolved: dict[str, Any]) -> None:
+    """What params.yaml's preset and overrides came to: the model's sizes, steps and parameter count."""
+    model = ModelConfig.from_dict(resolved["model"])
+    ctx.tracker.log_params({f"resolved.model.{k}": v for k, v in resolved["model"].items()}
+                           | {"resolved.max_steps": cfg.steps, "resolved.params": model.num_params()})
+
+
+def train_under_torchrun(cfg: PretrainConfig, ctx: StageContext, config_file: Path) -> dict[str, float]:
+    """Train with nproc_per_node processes on this node; rank 0's metrics reach the tracker as they are logged."""
+    out = ctx.output("model")
+    forwarder = MetricsForwarder(out / "metrics.jsonl", ctx.tracker, resume_step(out / "checkpoints"))
+    return launch_torchrun(WORKER, config_file, cfg.nproc_per_node, cwd=ctx.root, poll=forwarder)
+
+
+def resume_step(checkpoints: Path) -> int:
+    """The step the worker will resume from: that of the newest intact checkpoint, else 0."""
+    latest = ckpt.newest_intact_checkpoint(checkpoints)
+    return ckpt.read_meta(latest)["step"] if latest else 0
+
+
+def publish_outputs(cfg: PretrainConfig, ctx: StageContext, config_file: Path) -> None:
+    """The loss plot and the samples from the logs; samples, settings and (log_model) weights to the tracker."""
+    out = ctx.output("model")
+    [plot] = ctx.spec.plots  # the one plot the registry declares for this stage
+    write_text_atomic(ctx.path(plot), loss_csv(out / "metrics.jsonl"))
     samples = out / "samples.txt"
     write_text_atomic(samples, samples_text(out / "samples.jsonl"))
     ctx.tracker.log_artifact(samples)
     ctx.tracker.log_artifact(config_file)
     if cfg.log_model:
         ctx.tracker.log_artifact(out / "final", artifact_path="final")
-    return {k: float(v) for k, v in metrics.items()}
-
-
-def _torchrun(cfg: PretrainConfig, ctx: StageContext, config_file: Path) -> dict[str, float]:
-    """Train under torchrun on this node; forward rank 0's metrics log to the tracker as it grows."""
-    out = config_file.parent
-    result = out / "result.json"
-    result.unlink(missing_ok=True)
-    latest = ckpt.newest_intact_checkpoint(out / "checkpoints")  # what rank 0 will resume from
-    start = ckpt.read_meta(latest)["step"] if latest else 0
-    log_file = out / "metrics.jsonl"
-    truncate_jsonl(log_file, start)  # what the trainer does on resume; then only new lines appear
-    offset = log_file.stat().st_size if log_file.exists() else 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc_per_node}",
-           "-m", "llmpipe.train.pretrain", "--config", str(config_file), "--result", str(result)]
-    ctx.log.info("launching %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, cwd=ctx.root)
-    try:
-        while proc.poll() is None:
-            time.sleep(1)
-            offset = _forward(log_file, offset, ctx)
-    except BaseException:  # SIGTERM/Ctrl-C of the stage: let the ranks checkpoint, then go
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
-    _forward(log_file, offset, ctx)
-    outcome = read_json(result) if result.exists() else {}
-    if "error" in outcome:  # a refused resume, a bad setting: the ranks agreed on it
-        raise UserError(outcome["error"])
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun exited with status {proc.returncode}; the ranks' errors are above")
-    return outcome
-
-
-def _forward(log_file: Path, offset: int, ctx: StageContext) -> int:
-    """Send complete lines after `offset` to the tracker; returns the new offset."""
-    if not log_file.exists():
-        return offset
-    with open(log_file, "rb") as fh:
-        fh.seek(offset)
-        chunk = fh.read()
-    complete = chunk[: chunk.rfind(b"\n") + 1]
-    for line in complete.decode("utf-8").splitlines():
-        record = json.loads(line)
-        ctx.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-    return offset + len(complete)
-
-
-def _system_metrics(ctx: StageContext) -> Any:
-    """CPU/GPU/memory/disk/network sampled into the stage's MLflow run (psutil; pynvml when present)."""
-    if not ctx.tracker.run_id:
-        return None
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(ctx.tracker.run_id, sampling_interval=10)  # MLFLOW_SYSTEM_METRICS_* env vars override
-    monitor.start()
-    return monitor
 
 
 def loss_csv(metrics_log: Path) -> str:
@@ -287,4 +269,5 @@ if __name__ == "__main__":  # multi-node: write the config every node's torchrun
     from llmpipe.io import project_root
 
     root = project_root()
-    print(write_resolved_config(load_stage_config(PretrainConfig, STAGE, root / "params.yaml"), root)[0])
+    stage_ctx = StageContext(root=root, name=STAGE)
+    print(write_resolved_config(load_stage_config(PretrainConfig, STAGE, root / "params.yaml"), stage_ctx)[0])

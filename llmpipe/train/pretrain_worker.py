@@ -1,14 +1,16 @@
-"""Pretraining entry point: `python -m llmpipe.train.pretrain --config resolved.json`.
+"""What every rank of a pretrain run executes: `python -m llmpipe.train.pretrain_worker --config resolved.json`.
 
-What `torchrun` runs on every rank (and what the stage calls in-process for one process). It needs
-only torch and numpy: the stage resolves params.yaml into a plain JSON file first.
+The pretrain stage (llmpipe/train/pretrain.py) resolves params.yaml into a plain JSON file, then calls
+`train` in its own process, or, with nproc_per_node > 1, starts this module under torchrun
+(llmpipe/train/launch.py). It needs only torch and numpy, so it runs on a GPU node that has nothing
+else; for several nodes, start it with torchrun on each (see llmpipe/train/pretrain.py).
 
     {"root": "/abs/project", "train_dir": "data/tokens/train", "val_dir": "data/tokens/val",
      "tokenizer_dir": "models/tokenizer", "out_dir": "models/pretrain",
      "model": {ModelConfig fields}, "train": {TrainConfig fields}, "sample_prompt": "ROMEO:"}
 
 Rank 0 appends per-step metrics to <out_dir>/metrics.jsonl (the stage forwards them to MLflow) and,
-with --result, writes the final metrics there.
+with --result, writes the final metrics (or the user error that stopped the ranks) there.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from llmpipe.io import sha256_file
 from llmpipe.model import ModelConfig
 from llmpipe.train import distributed as ddist
 from llmpipe.train.data import TokenWindows
+from llmpipe.train.launch import report_result
 from llmpipe.train.loop import Sampler, TrainConfig, Trainer
 
 if TYPE_CHECKING:
@@ -103,15 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--result", help="where rank 0 writes the final metrics (or a user error) as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    is_main = int(os.environ.get("RANK", 0)) == 0
-    try:
-        metrics = train(json.loads(Path(args.config).read_text()))
-    except UserError as exc:  # for the stage to report as its own error, not as a failed torchrun
-        if args.result and is_main:
-            Path(args.result).write_text(json.dumps({"error": str(exc)}, indent=2) + "\n")
-        raise
-    if args.result and is_main:
-        Path(args.result).write_text(json.dumps(metrics, indent=2) + "\n")
+    report_result(args.result, lambda: train(json.loads(Path(args.config).read_text())))
 
 
 if __name__ == "__main__":

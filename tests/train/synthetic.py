@@ -57,7 +57,7 @@ SMALL_TRAIN = {"seq_len": 64, "micro_batch": 4, "global_batch_tokens": 512, "max
 
 def resolved_config(root: Path, vocab: int = 256, model: dict | None = None, train: dict | None = None,
                     out_dir: str = "models/pretrain") -> dict:
-    """The JSON the pretrain stage hands to `python -m llmpipe.train.pretrain`."""
+    """The JSON the pretrain stage hands to `python -m llmpipe.train.pretrain_worker`."""
     from llmpipe.model import ModelConfig
 
     model_cfg = ModelConfig.from_preset("tiny", vocab, **{**SMALL_MODEL, **(model or {})})

@@ -44,7 +44,7 @@ def train_step(self):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self)
 loop.Trainer.train_step = train_step
-from llmpipe.train.pretrain import main
+from llmpipe.train.pretrain_worker import main
 main(sys.argv[2:])
 """
 
@@ -55,7 +55,7 @@ def run(root: Path, name: str, nproc: int, mode: str, kill_at: int | None = None
     config.write_text(json.dumps(resolved))
     script = root / "probe.py"
     script.write_text(PROBE)
-    entry = [str(script), str(-1 if kill_at is None else kill_at)] if probe or kill_at else ["-m", "llmpipe.train.pretrain"]
+    entry = [str(script), str(-1 if kill_at is None else kill_at)] if probe or kill_at else ["-m", "llmpipe.train.pretrain_worker"]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, *launcher, *entry, "--config", str(config)], cwd=root, env=env,

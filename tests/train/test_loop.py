@@ -13,7 +13,7 @@ from llmpipe.model import ModelConfig
 from llmpipe.train import checkpoint as ckpt
 from llmpipe.train.data import TokenWindows
 from llmpipe.train.loop import NonFiniteError, TrainConfig, Trainer
-from llmpipe.train.pretrain import train
+from llmpipe.train.pretrain_worker import train
 from llmpipe.errors import UserError
 from tests.train.synthetic import markov_tokens, resolved_config, write_split, write_tokens
 

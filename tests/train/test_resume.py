@@ -28,7 +28,7 @@ def train_step(self):
         os.kill(os.getpid(), sig)
     return original(self)
 loop.Trainer.train_step = train_step
-from llmpipe.train.pretrain import main
+from llmpipe.train.pretrain_worker import main
 main(sys.argv[3:])
 """
 
@@ -36,7 +36,7 @@ main(sys.argv[3:])
 def run(root: Path, resolved: dict, name: str, kill: tuple[int, str] | None = None) -> subprocess.CompletedProcess:
     config = root / f"{name}.json"
     config.write_text(json.dumps({**resolved, "out_dir": f"models/{name}"}))
-    args = ["-c", SELF_SIGNAL, str(kill[0]), kill[1]] if kill else ["-m", "llmpipe.train.pretrain"]
+    args = ["-c", SELF_SIGNAL, str(kill[0]), kill[1]] if kill else ["-m", "llmpipe.train.pretrain_worker"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, *args, "--config", str(config)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120)

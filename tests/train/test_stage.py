@@ -11,7 +11,7 @@ import yaml
 
 from llmpipe.config import ConfigError
 from llmpipe.errors import UserError
-from llmpipe.stages import load_config, run_stage
+from llmpipe.stages import StageContext, load_config, run_stage
 from llmpipe.train import checkpoint as ckpt
 from tests.train.synthetic import markov_tokens, write_split, write_tokens
 
@@ -149,17 +149,51 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_a_batch_that_does_not_divide_fails_before_training(tmp_path):
     root = project(tmp_path, global_batch_tokens=500)
-    from llmpipe.train.stage import resolve
+    from llmpipe.train.pretrain import resolve_config
 
     with pytest.raises(UserError, match="global_batch_tokens \\(500\\) must be a multiple"):
-        resolve(load_config("pretrain", root), root)
+        resolve_config(load_config("pretrain", root), StageContext(root=root, name="pretrain"))
+
+
+def test_the_stage_takes_its_paths_from_the_registry(tmp_path, monkeypatch):
+    import dataclasses
+
+    from llmpipe.stages import STAGES
+    from llmpipe.train.pretrain import resolve_config
+
+    root = project(tmp_path)
+    (root / "data" / "tokens").rename(root / "data" / "tokens-b")
+    (root / "models" / "tokenizer").rename(root / "models" / "tokenizer-b")
+    spec = dataclasses.replace(STAGES["pretrain"], inputs={"tokens": "data/tokens-b", "tokenizer": "models/tokenizer-b"},
+                               outputs={"model": "models/pretrain-b"})
+    monkeypatch.setitem(STAGES, "pretrain", spec)
+    resolved = resolve_config(load_config("pretrain", root), StageContext(root=root, name="pretrain"))
+    assert {k: resolved[k] for k in ("train_dir", "val_dir", "tokenizer_dir", "out_dir")} == {
+        "train_dir": "data/tokens-b/train", "val_dir": "data/tokens-b/val", "tokenizer_dir": "models/tokenizer-b",
+        "out_dir": "models/pretrain-b"}
+
+
+def test_python_m_the_stage_module_writes_the_config_every_nodes_torchrun_reads(tmp_path):
+    import subprocess
+    import sys
+
+    from llmpipe.train.pretrain import resolve_config
+
+    root = project(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "llmpipe.train.pretrain"], cwd=root, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    config_file = root / "models" / "pretrain" / "resolved_config.json"
+    assert proc.stdout.strip() == str(config_file)
+    expected = resolve_config(load_config("pretrain", root), StageContext(root=root, name="pretrain"))
+    assert json.loads(config_file.read_text()) == expected
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("pretrain-*.yaml")), ids=lambda p: p.name)
 def test_shipped_gpu_configs_validate_and_their_batch_divides(path):
     from llmpipe.config import load_section
     from llmpipe.train.loop import TrainConfig
-    from llmpipe.train.stage import PretrainConfig
+    from llmpipe.train.pretrain import PretrainConfig
 
     cfg = load_section(PretrainConfig, yaml.safe_load(path.read_text()), "pretrain", path)
     TrainConfig(seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
