@@ -1,8 +1,8 @@
 """llmpipe.model and llmpipe.train must import on a bare GPU node: torch, numpy and the stdlib only.
 
 Every module of the two packages is probed, so a new one is checked without being listed here; the
-exception is the one module that is a stage body (config in pydantic, registry paths), which a GPU
-node never imports: torchrun runs its worker.
+exception is a training stage's own module (the registry's `run` target: config in pydantic, paths
+from the registry), which a GPU node never imports: torchrun runs the stage's worker there.
 """
 
 import pkgutil
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import llmpipe.model
 import llmpipe.train
+from llmpipe.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGE_MODULES = {"llmpipe.train.pretrain"}  # may import pydantic, yaml and MLflow: they run where llmpipe is installed
+STAGE_MODULES = {spec.run.split(":")[0] for spec in STAGES.values()}  # llmpipe.train.pretrain
 BLOCKED = ["pydantic", "mlflow", "prefect", "dvc", "yaml", "tqdm", "safetensors", "sentencepiece", "pyarrow", "click"]
 PROBE = """
 import importlib, importlib.abc, importlib.machinery, sys
