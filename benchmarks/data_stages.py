@@ -95,7 +95,7 @@ def datasketch_dedup(records: list[Record], cfg: DedupConfig) -> tuple[int, int]
     lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=(cfg.bands, cfg.rows))
     seen, sketches, exact, near = set(), {}, 0, 0
     for i, record in enumerate(records):
-        normalized = minhash.normalize_text(record.text)
+        normalized = minhash.dedup_key_text(record.text)
         key = hash(normalized)
         if key in seen:
             exact += 1

@@ -144,7 +144,7 @@ def _bin(length: int) -> int:
     return int(np.searchsorted(LENGTH_BINS, length, side="right") - 1)
 
 
-class ShardWriter:
+class RecordShardWriter:
     """Streams the kept and rejected records of one shard into two Parquet files.
 
     Rows are flushed in row groups (bounded memory, whatever the shard size) into temp files that
@@ -206,7 +206,7 @@ class ShardWriter:
             tmp.unlink(missing_ok=True)
         self._writers.clear()
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> RecordShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from llmpipe.config import StageConfig, params_hash
-from llmpipe.data.accounting import Counts, Record, ShardWriter, content_id, read_records
+from llmpipe.data.accounting import Counts, Record, RecordShardWriter, content_id, read_records
 from llmpipe.data.filters import GopherQuality, GopherRepetition, QualityConfig
 from llmpipe.data.normalize import HtmlToText, Normalize, StripGutenberg
 from llmpipe.data.pii import PIIConfig, ScrubPII
@@ -125,7 +125,7 @@ def clean_shard(task: ShardTask, *, cfg: CleanConfig, root: Path) -> Counts:
     start = time.process_time()
     pipeline, counts, docs = CleanPipeline(cfg, root), Counts(), Counter()
     (path,) = task.inputs
-    with ShardWriter(task.output, task.quarantine) as writer:
+    with RecordShardWriter(task.output, task.quarantine) as writer:
         for doc in read_records(Path(path)):
             docs["documents_in", doc.source] += 1
             counts.stats["input_bytes"] += len(doc.text.encode("utf-8", "surrogatepass"))

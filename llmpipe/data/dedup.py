@@ -44,7 +44,7 @@ from pydantic import Field, model_validator
 from llmpipe.config import StageConfig, params_hash
 from llmpipe.data import minhash
 from llmpipe.data.accounting import (QUARANTINE_SCHEMA, QUARANTINE_TEXT_LIMIT, RECORD_SCHEMA, AccountingError, Counts,
-                                     Record, ShardWriter)
+                                     Record, RecordShardWriter)
 from llmpipe.data.report import write_report
 from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
 from llmpipe.errors import UserError
@@ -119,7 +119,7 @@ def sketch_columns(batches, hasher: minhash.MinHasher, batch_chars: int = 1 << 1
 def sketch_records(records: list[Record], hasher: minhash.MinHasher,
                    batch_chars: int = 1 << 18) -> dict[str, np.ndarray]:
     """`sketch_columns` of in-memory records (as if they were one shard)."""
-    metas = [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r in records]  # as ShardWriter stores them
+    metas = [json.dumps(r.meta, sort_keys=True, ensure_ascii=False) for r in records]  # as RecordShardWriter stores them
     columns = ([r.id for r in records], [r.source for r in records], [r.text for r in records], metas)
     return sketch_columns([columns], hasher, batch_chars)
 
@@ -283,7 +283,7 @@ def _write_shard(task: ShardTask) -> Counts:
     source_path, expected_ids, drops = task.inputs  # drops: row -> (reason, detail)
     counts = Counts()
     row = 0
-    with ShardWriter(task.output, task.quarantine) as writer:
+    with RecordShardWriter(task.output, task.quarantine) as writer:
         for batch in iter_parquet_batches(source_path, batch_size=4096, columns=list(RECORD_SCHEMA.names)):
             n = batch.num_rows
             ids = np.array([_utf8(i) for i in batch.column("id").to_pylist()], dtype="S")

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Annotated, Iterator, Literal, Union
 from pydantic import Field, model_validator
 
 from llmpipe.config import StageConfig
-from llmpipe.data.accounting import Counts, ShardWriter
-from llmpipe.data.readers import (FORMATS, READ_ERRORS, SUFFIXES, ReadOptions, Record, Reject, Where, detect_format,
+from llmpipe.data.accounting import Counts, RecordShardWriter
+from llmpipe.data.readers import (FORMATS, READ_ERRORS, SUFFIXES, ReadOptions, Record, ReadReject, Where, detect_format,
                                   iter_archive, list_archive, read_hf, read_stream, reject, replace_undecodable)
 from llmpipe.data.report import write_report
 from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
@@ -352,11 +352,11 @@ def process_task(task: ShardTask, cfg: IngestConfig, root: Path) -> Counts:
                        decode_errors=cfg.decode_errors, max_doc_chars=cfg.max_doc_chars,
                        max_line_chars=cfg.max_line_chars)
     counts = Counts()
-    with ShardWriter(task.output, task.quarantine) as writer:
+    with RecordShardWriter(task.output, task.quarantine) as writer:
         for item in task.inputs:
             chars_before = counts.chars_read
             for got in _read_item(item, src, opts, root, counts):
-                if isinstance(got, Reject):
+                if isinstance(got, ReadReject):
                     counts.on_read(src.name, got.length)
                     counts.on_rejected(src.name, got.reason, got.length)
                     writer.reject(got.record, got.reason, got.detail)
@@ -371,7 +371,7 @@ def process_task(task: ShardTask, cfg: IngestConfig, root: Path) -> Counts:
     return counts
 
 
-def _read_item(item, src: _Source, opts: ReadOptions, root: Path, counts: Counts) -> Iterator[Record | Reject]:
+def _read_item(item, src: _Source, opts: ReadOptions, root: Path, counts: Counts) -> Iterator[Record | ReadReject]:
     if isinstance(item, HFItem):
         name = src.dataset + (f"/{src.config}" if src.config else "")
         where = Where(src.name, f"hf:{name}:{src.split}", {"format": "hf", "dataset": name, "split": src.split})
@@ -402,7 +402,7 @@ def _read_item(item, src: _Source, opts: ReadOptions, root: Path, counts: Counts
 
 
 def _read_archive(item: ArchiveItem, source: str, opts: ReadOptions, root: Path,
-                  counts: Counts) -> Iterator[Record | Reject]:
+                  counts: Counts) -> Iterator[Record | ReadReject]:
     formats = {name: (fmt, gz) for name, fmt, gz in item.members}
     done: set[str] = set()
 
@@ -427,7 +427,7 @@ def _read_archive(item: ArchiveItem, source: str, opts: ReadOptions, root: Path,
                 yield reject(where(name), "read_error", f"archive unreadable here: {type(exc).__name__}: {exc}")
 
 
-def _unknown_format(where: Where) -> Reject:
+def _unknown_format(where: Where) -> ReadReject:
     return reject(where, "unknown_format", f"suffix not read by ingest (known: {', '.join(SUFFIXES)}, optionally "
                   f".gz); set the source's format: to one of {', '.join(FORMATS)} to read it anyway")
 

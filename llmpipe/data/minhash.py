@@ -1,12 +1,13 @@
 """Vectorized MinHash and LSH banding with numpy: the engine behind the dedup stage.
 
-Normalization (shared by exact and near-duplicate detection), in this order:
+The text dedup compares, `dedup_key_text` (shared by exact and near-duplicate detection), is made in
+this order:
   1. Unicode NFKC (full-width letters, ligatures and compatibility forms fold to their plain form),
   2. lowercase,
   3. every punctuation, symbol, control, format or separator character (Unicode categories P*, S*,
      Cc, Cf, Z*) becomes a space,
   4. runs of whitespace collapse to one space; leading/trailing whitespace is dropped.
-  So "Hello,  World!" and "hello world" normalize to the same "hello world".
+  So "Hello,  World!" and "hello world" have the same key text "hello world".
 
 Shingles are word n-grams of the normalized text (`shingle_size` words): robust to re-wrapping and
 punctuation changes, and one shingle per word keeps signatures cheap (character n-grams would make
@@ -58,8 +59,10 @@ class _SeparatorMap(dict):
 _SEPARATORS = _SeparatorMap()
 
 
-def normalize_text(text: str) -> str:
-    """The normalized form used for exact hashes and shingles (see the module docstring)."""
+def dedup_key_text(text: str) -> str:
+    """The text dedup compares: its exact hash and its shingles are taken from this form (see the
+    module docstring). Not clean's `llmpipe.data.normalize.normalize_text`, which keeps case,
+    punctuation and line breaks: this one folds all of them away."""
     return " ".join(_separators_to_spaces(text).split())
 
 
@@ -72,7 +75,7 @@ def _separators_to_spaces(text: str) -> str:
 def normalized_buffer(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The normalized texts joined by "\n", as UTF-8 bytes, and where each one starts.
 
-    Same bytes as "\n".join(map(normalize_text, texts)).encode(), but the whitespace collapse runs
+    Same bytes as "\n".join(map(dedup_key_text, texts)).encode(), but the whitespace collapse runs
     in numpy over the whole batch instead of a str.split per text. Returns (buf (B,) uint8,
     bounds (T + 1,) int64): text t is buf[bounds[t]:bounds[t + 1] - 1] (minus its "\n").
     """

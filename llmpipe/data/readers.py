@@ -1,4 +1,4 @@
-"""Readers for the ingest stage: one small generator per format, each yielding `Record`s or `Reject`s.
+"""Readers for the ingest stage: one small generator per format, each yielding `Record`s or `ReadReject`s.
 
 A reader gets an open binary stream (a local file, a gzip stream or an archive member), so the same
 code reads a file on disk and a member of a tar or zip. Nothing a reader meets in the data stops it:
@@ -55,7 +55,10 @@ class ReadOptions:
 
 
 @dataclass
-class Reject:
+class ReadReject:
+    """A document (or a file, a line, a row) that reading turned into a quarantine row, not a record.
+    Not a clean step's verdict (`llmpipe.data.steps.Reject`, a reason for a record that was read)."""
+
     record: Record  # what is known of the rejected document (maybe no text), for the quarantine row
     reason: str
     detail: str = ""
@@ -98,15 +101,15 @@ def replace_undecodable(text: str) -> str:
 
 
 def reject(where: Where, reason: str, detail: str, text: str = "", length: int = 0, suffix: str = "",
-           **pos: Any) -> Reject:
+           **pos: Any) -> ReadReject:
     text, detail = replace_undecodable(text[:QUARANTINE_TEXT_LIMIT]), replace_undecodable(detail)
     # A file-level reject has no text: its origin identifies it instead.
     rid = content_id(text) if text else content_id(where.origin + suffix)
-    return Reject(_record(where, text, suffix, {**where.meta, **pos}, rid), reason, detail, length)
+    return ReadReject(_record(where, text, suffix, {**where.meta, **pos}, rid), reason, detail, length)
 
 
 def _document(where: Where, text: str, opts: ReadOptions, suffix: str = "", empty_reason: str = "empty_text",
-              fields: dict[str, Any] | None = None, **pos: Any) -> Record | Reject:
+              fields: dict[str, Any] | None = None, **pos: Any) -> Record | ReadReject:
     """The last step of every reader: decode policy, emptiness and size checks, then a Record."""
     bad = 0
     if not text.isascii():
@@ -117,7 +120,7 @@ def _document(where: Where, text: str, opts: ReadOptions, suffix: str = "", empt
     if bad:
         meta["decode_replaced"] = bad
     if bad and opts.decode_errors == "quarantine":
-        return Reject(_record(where, text[:QUARANTINE_TEXT_LIMIT], suffix, meta),
+        return ReadReject(_record(where, text[:QUARANTINE_TEXT_LIMIT], suffix, meta),
                       "decode_error", f"{bad} bytes are not valid UTF-8", len(text))
     if not text.strip():
         return reject(where, empty_reason, "no text" if not text else "only whitespace", text, len(text), suffix,
@@ -136,7 +139,7 @@ def _scalars(row: dict[str, Any], skip: str) -> dict[str, Any]:
             and not (isinstance(v, str) and len(v) > FIELD_CHARS)}
 
 
-def _text_of(obj: dict[str, Any], where: Where, opts: ReadOptions, suffix: str, **pos: Any) -> Record | Reject:
+def _text_of(obj: dict[str, Any], where: Where, opts: ReadOptions, suffix: str, **pos: Any) -> Record | ReadReject:
     """A row (JSON object, CSV row, Parquet/HF example) -> its document, or why it has none.
 
     A row without the field is `missing_text_field` (a wrong `text_field` setting shows up here);
@@ -157,7 +160,7 @@ def _text_of(obj: dict[str, Any], where: Where, opts: ReadOptions, suffix: str, 
 
 # -- whole-file documents: txt, md, html ------------------------------------------------------------
 
-def read_document(fh: IO[bytes], where: Where, opts: ReadOptions) -> Iterator[Record | Reject]:
+def read_document(fh: IO[bytes], where: Where, opts: ReadOptions) -> Iterator[Record | ReadReject]:
     """The whole stream is one document (HTML stays raw: the clean stage extracts its text)."""
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     parts: list[str] = []
@@ -204,13 +207,13 @@ def _bounded_lines(fh: IO[bytes], max_chars: int, max_bytes: int | None = None) 
         yield (None if len(line) > max_chars else line), raw[:4096]
 
 
-def _too_long_line(where: Where, head: bytes, line_no: int, opts: ReadOptions) -> Reject:
+def _too_long_line(where: Where, head: bytes, line_no: int, opts: ReadOptions) -> ReadReject:
     return reject(where, "too_long", f"line {line_no} is longer than max_line_chars {opts.max_line_chars:,}",
                   head.decode("utf-8", "replace"), opts.max_line_chars + 1, f":{line_no}", line=line_no)
 
 
 def read_jsonl(fh: IO[bytes], where: Where, opts: ReadOptions, first_line: int = 1,
-               max_bytes: int | None = None) -> Iterator[Record | Reject]:
+               max_bytes: int | None = None) -> Iterator[Record | ReadReject]:
     """One JSON object per line, text in `opts.text_field`; blank lines are not records."""
     for line_no, (line, head) in enumerate(_bounded_lines(fh, opts.max_line_chars, max_bytes), first_line):
         if line is None:
@@ -239,7 +242,7 @@ def read_jsonl(fh: IO[bytes], where: Where, opts: ReadOptions, first_line: int =
         yield _text_of(obj, where, opts, suffix, line=line_no)
 
 
-def read_csv(fh: IO[bytes], where: Where, opts: ReadOptions, delimiter: str | None = None) -> Iterator[Record | Reject]:
+def read_csv(fh: IO[bytes], where: Where, opts: ReadOptions, delimiter: str | None = None) -> Iterator[Record | ReadReject]:
     """A CSV with a header row; the document is the column named `opts.text_field`."""
     # The csv module caps a field at 128 KiB by default; our own cap is max_doc_chars (process-wide setting).
     csv.field_size_limit(max(opts.max_doc_chars, opts.max_line_chars) + 1)
@@ -281,7 +284,7 @@ def read_csv(fh: IO[bytes], where: Where, opts: ReadOptions, delimiter: str | No
 # -- Parquet ------------------------------------------------------------------------------------------
 
 def read_parquet(fh: Any, where: Where, opts: ReadOptions,
-                 row_groups: Iterable[int] | None = None) -> Iterator[Record | Reject]:
+                 row_groups: Iterable[int] | None = None) -> Iterator[Record | ReadReject]:
     """Rows of a Parquet file (path or seekable stream), optionally only some row groups."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -311,7 +314,7 @@ READ_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFi
 
 def read_stream(fh: IO[bytes], fmt: str, where: Where, opts: ReadOptions, *, gz: bool = False,
                 first_line: int = 1, max_bytes: int | None = None, row_groups: Iterable[int] | None = None,
-                whole_file: bool = True) -> Iterator[Record | Reject]:
+                whole_file: bool = True) -> Iterator[Record | ReadReject]:
     """Read one file or member (or a byte range / row groups of one) in format `fmt`.
 
     Whole files that are empty or binary become one reject; an error mid-file (truncated gzip,
@@ -389,7 +392,7 @@ def list_archive(path: str) -> list[tuple[str, int]]:
 # -- Hugging Face datasets --------------------------------------------------------------------------
 
 def read_hf(dataset: str, config: str | None, split: str, limit: int, where: Where, opts: ReadOptions, *,
-            data_files: list[str] | None = None, revision: str | None = None) -> Iterator[Record | Reject]:
+            data_files: list[str] | None = None, revision: str | None = None) -> Iterator[Record | ReadReject]:
     """The first `limit` examples of a dataset, streamed: a hub name ("HuggingFaceFW/fineweb-edu"), or a
     packaged builder ("json", "parquet", "csv", "text") with local `data_files` (same code path)."""
     import datasets

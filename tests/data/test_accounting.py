@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmpipe.data import ingest
-from llmpipe.data.accounting import AccountingError, Counts, Record, ShardWriter, content_id
+from llmpipe.data.accounting import AccountingError, Counts, Record, RecordShardWriter, content_id
 from llmpipe.data.shards import ShardTask, run_shards, shard_paths
 from llmpipe.io import done_info
 from tests.data.code_project import REPO, stage_context
@@ -26,7 +26,7 @@ def _docs_project(root: Path, n: int = 3) -> ingest.IngestConfig:
 def test_a_record_the_writer_loses_stops_ingest_before_the_shard_is_marked_done(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMPIPE_WORKERS", "1")
     cfg = _docs_project(tmp_path)
-    real_keep, seen = ShardWriter.keep, []
+    real_keep, seen = RecordShardWriter.keep, []
 
     def loses_the_second(self, record):
         seen.append(record)
@@ -34,7 +34,7 @@ def test_a_record_the_writer_loses_stops_ingest_before_the_shard_is_marked_done(
             real_keep(self, record)
 
     with monkeypatch.context() as patch:
-        patch.setattr(ShardWriter, "keep", loses_the_second)
+        patch.setattr(RecordShardWriter, "keep", loses_the_second)
         with pytest.raises(AccountingError) as err:
             ingest.run(cfg, stage_context(tmp_path, "ingest"))
     message = str(err.value)
@@ -52,7 +52,7 @@ def test_a_record_read_but_neither_kept_nor_rejected_stops_the_stage(tmp_path):
 
     def forgets_the_last(task: ShardTask) -> Counts:
         counts = Counts()
-        with ShardWriter(task.output, task.quarantine) as writer:
+        with RecordShardWriter(task.output, task.quarantine) as writer:
             for record in records:
                 counts.on_read(record.source, len(record.text))
                 if record.text != "three":  # a step that drops it without a reject reason

@@ -129,9 +129,9 @@ def test_kill_9_of_clean_mid_pool_then_rerun_gives_the_bytes_of_an_uninterrupted
 SLOW_WRITER = """
 import sys, time
 from pathlib import Path
-from llmpipe.data.accounting import Record, ShardWriter
+from llmpipe.data.accounting import Record, RecordShardWriter
 out = Path(sys.argv[1])
-with ShardWriter(out / "part-00000.parquet", out / "quarantine" / "part-00000.parquet", flush_chars=1000) as w:
+with RecordShardWriter(out / "part-00000.parquet", out / "quarantine" / "part-00000.parquet", flush_chars=1000) as w:
     for i in range(100_000):
         w.keep(Record(str(i), "web", "x" * 1000))
         w.reject(Record(str(i), "web", "y" * 10), "too_short")

@@ -11,9 +11,9 @@ from llmpipe.data import minhash
 
 def test_normalization_folds_case_whitespace_punctuation_and_compatibility_forms():
     variants = ["Hello, World!", "hello   world", "  HELLO\n\tWORLD...", "Hello — “World”", "ＨＥＬＬＯ world\u00a0"]
-    assert {minhash.normalize_text(v) for v in variants} == {"hello world"}
-    assert minhash.normalize_text("don't stop") == "don t stop"
-    assert minhash.normalize_text("?!  \n") == ""
+    assert {minhash.dedup_key_text(v) for v in variants} == {"hello world"}
+    assert minhash.dedup_key_text("don't stop") == "don t stop"
+    assert minhash.dedup_key_text("?!  \n") == ""
 
 
 def test_batched_normalization_matches_the_reference_text_by_text():
@@ -22,10 +22,10 @@ def test_batched_normalization_matches_the_reference_text_by_text():
     for _ in range(500):
         texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(12))) for _ in range(rng.randrange(1, 5))]
         buf, bounds = minhash.normalized_buffer(texts)
-        assert buf.tobytes() == "\n".join(map(minhash.normalize_text, texts)).encode()
+        assert buf.tobytes() == "\n".join(map(minhash.dedup_key_text, texts)).encode()
         hashes = minhash.exact_hashes(buf, bounds)
         for t, text in enumerate(texts):
-            expected = xxhash.xxh3_128_intdigest(minhash.normalize_text(text).encode())
+            expected = xxhash.xxh3_128_intdigest(minhash.dedup_key_text(text).encode())
             assert (int(hashes[t, 0]) << 64) | int(hashes[t, 1]) == expected
 
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmpipe.data.accounting import content_id
-from llmpipe.data.readers import ReadOptions, Reject, Where, detect_format, read_stream
+from llmpipe.data.readers import ReadOptions, ReadReject, Where, detect_format, read_stream
 
 
 def read(data: bytes, fmt: str, origin: str = "in/x", gz: bool = False, **options):
@@ -21,11 +21,11 @@ def read(data: bytes, fmt: str, origin: str = "in/x", gz: bool = False, **option
 
 
 def kept(items):
-    return [i for i in items if not isinstance(i, Reject)]
+    return [i for i in items if not isinstance(i, ReadReject)]
 
 
 def rejected(items):
-    return [i for i in items if isinstance(i, Reject)]
+    return [i for i in items if isinstance(i, ReadReject)]
 
 
 def test_detect_format():
