@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from llmpipe.data import minhash  # noqa: E402
 from llmpipe.data.accounting import Record, content_id, read_records, write_records  # noqa: E402
-from llmpipe.data.dedup import DedupConfig, find_duplicates, sketch_records  # noqa: E402
+from llmpipe.data.dedup import DedupConfig  # noqa: E402
+from llmpipe.data.duplicates import find_duplicates, sketch_records  # noqa: E402
 from llmpipe.stages import load_config, run_stage  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The clean stage: data/raw documents -> data/clean chunks (+ quarantine), one output shard per input shard.
+"""The clean stage: ingest's documents (data/raw) -> chunks (data/clean, + quarantine), one shard per input shard.
 
 Per document: HTML -> text, Unicode/whitespace normalization, Project Gutenberg header/footer removal
 (all whole-document operations), then the document is split into chunks on paragraph boundaries of at
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,17 +30,15 @@ from llmpipe.data.accounting import Counts, Record, RecordShardWriter, content_i
 from llmpipe.data.filters import GopherQuality, GopherRepetition, QualityConfig
 from llmpipe.data.normalize import HtmlToText, Normalize, StripGutenberg
 from llmpipe.data.pii import PIIConfig, ScrubPII
-from llmpipe.data.report import write_report
-from llmpipe.data.shards import ShardTask, prune_stale, run_shards, shard_paths
+from llmpipe.data.report import publish_report
+from llmpipe.data.shards import ShardTask, describe_throughput, run_shards, shard_paths, throughput_metrics
 from llmpipe.data.steps import Reject, Step
 from llmpipe.data.toxicity import ToxicityConfig, ToxicityFilter
 from llmpipe.errors import UserError
-from llmpipe.io import done_info, sha256_file
+from llmpipe.io import sha256_file
 
 if TYPE_CHECKING:
     from llmpipe.stages import StageContext
-
-INPUT_DIR, OUTPUT_DIR = "data/raw", "data/clean"
 
 
 class CleanConfig(StageConfig):
@@ -55,13 +52,13 @@ class CleanConfig(StageConfig):
 
 # -- chunking ------------------------------------------------------------------------------------------
 
-_SEPARATORS = ("\n\n", "\n", " ")  # paragraphs, then lines, then words; then a hard cut
+_CHUNK_SEPARATORS = ("\n\n", "\n", " ")  # paragraphs, then lines, then words; then a hard cut
 
 
 def split_chunks(text: str, max_chars: int, level: int = 0) -> list[str]:
     """Greedily pack paragraphs into chunks of at most `max_chars`; a longer paragraph is split on
     lines (a longer line on spaces, a longer word by a hard cut). An empty text gives one empty chunk."""
-    sep = _SEPARATORS[level]
+    sep = _CHUNK_SEPARATORS[level]
     chunks: list[str] = []
     current: list[str] = []
     size = -len(sep)  # length of sep.join(current)
@@ -69,7 +66,7 @@ def split_chunks(text: str, max_chars: int, level: int = 0) -> list[str]:
         if len(part) > max_chars:
             if current:
                 chunks.append(sep.join(current))
-            if level + 1 < len(_SEPARATORS):
+            if level + 1 < len(_CHUNK_SEPARATORS):
                 pieces = split_chunks(part, max_chars, level + 1)
             else:
                 pieces = [part[i:i + max_chars] for i in range(0, len(part), max_chars)]
@@ -122,7 +119,6 @@ class CleanPipeline:
 
 def clean_shard(task: ShardTask, *, cfg: CleanConfig, root: Path) -> Counts:
     """Clean one input shard into one output shard and one quarantine shard."""
-    start = time.process_time()
     pipeline, counts, docs = CleanPipeline(cfg, root), Counts(), Counter()
     (path,) = task.inputs
     with RecordShardWriter(task.output, task.quarantine) as writer:
@@ -144,14 +140,27 @@ def clean_shard(task: ShardTask, *, cfg: CleanConfig, root: Path) -> Counts:
     for (name, source), n in docs.items():
         counts.stats[name] += n
         counts.stats[f"{name}[{source}]"] += n  # per source, for the report (kept out of the metrics)
-    counts.stats["cpu_seconds"] += time.process_time() - start  # CPU, not wall: stable on a shared machine
     return counts
 
 
 # -- the stage -----------------------------------------------------------------------------------------
 
 def run(cfg: CleanConfig, ctx: StageContext) -> dict[str, float]:
-    in_dir, out_dir = ctx.path(INPUT_DIR), ctx.path(OUTPUT_DIR)
+    in_dir, out_dir = ctx.input("raw"), ctx.output("clean")
+    tasks = clean_tasks(cfg, ctx, in_dir, out_dir)
+    process = functools.partial(clean_shard, cfg=cfg, root=ctx.root)
+    shards = run_shards(tasks, process, out_dir=out_dir, workers=ctx.workers, stage="clean")
+    counts = shards.counts
+    metrics = {k: v for k, v in counts.metrics().items() if "[" not in k}
+    metrics.update(chunks_out=float(sum(counts.kept.values())), **throughput_metrics(shards))
+    publish_report(ctx, counts, out_dir, extra=_report_extra(counts))
+    ctx.log.info("clean: %d documents -> %d of %d chunks kept; %s", counts.stats["documents_in"],
+                 metrics["chunks_out"], sum(counts.read.values()), describe_throughput(metrics))
+    return metrics
+
+
+def clean_tasks(cfg: CleanConfig, ctx: StageContext, in_dir: Path, out_dir: Path) -> list[ShardTask]:
+    """One task per input shard, fingerprinted by the params, the code, the scorer's files and the shard."""
     inputs = sorted(in_dir.glob("part-*.parquet"))
     if not inputs:
         raise UserError(f"{in_dir}: no part-*.parquet shards; run the ingest stage first (llmpipe stage ingest)")
@@ -164,31 +173,7 @@ def run(cfg: CleanConfig, ctx: StageContext) -> dict[str, float]:
     for index, path in enumerate(inputs):
         fingerprint = hashlib.sha256(f"{base}:{path.name}:{sha256_file(path)}".encode()).hexdigest()[:16]
         tasks.append(ShardTask(index, (str(path),), *shard_paths(out_dir, index), fingerprint))
-    prune_stale(out_dir, tasks)
-    pending = [t for t in tasks if _pending(t)]
-    start = time.perf_counter()
-    counts = run_shards(tasks, functools.partial(clean_shard, cfg=cfg, root=ctx.root), workers=ctx.workers, stage="clean")
-    wall = time.perf_counter() - start
-    # Wall-clock rate over the shards this run did (0 when all were done already); the per-worker rate is
-    # over all shards and CPU seconds, i.e. what one idle core does.
-    done_mb = sum(done_info(t.output)["counts"]["stats"]["input_bytes"] for t in pending) / 1e6
-    stats = counts.stats
-    input_mb = stats["input_bytes"] / 1e6
-    metrics = {k: v for k, v in counts.metrics().items() if "[" not in k}
-    metrics.update(chunks_out=float(sum(counts.kept.values())), mb_per_s=done_mb / wall if pending else 0.0,
-                   mb_per_s_per_worker=input_mb / max(stats["cpu_seconds"], 1e-9))
-    report = write_report("clean", counts, out_dir, extra=_report_extra(counts))
-    for artifact in (report, out_dir / "lengths.png", out_dir / "reject_reasons.png"):
-        ctx.tracker.log_artifact(artifact, "clean_report")
-    ctx.log.info("clean: %d documents -> %d of %d chunks kept (%.1f MB at %.1f MB/s per worker)",
-                 stats["documents_in"], metrics["chunks_out"], sum(counts.read.values()), input_mb,
-                 metrics["mb_per_s_per_worker"])
-    return metrics
-
-
-def _pending(task: ShardTask) -> bool:
-    info = done_info(task.output)
-    return not (info and info.get("fingerprint") == task.fingerprint and task.quarantine.exists())
+    return tasks
 
 
 def _report_extra(counts: Counts) -> str:

@@ -1,21 +1,44 @@
 """Readable reports for the data stages: a markdown page with per-source accounting, reject reasons
-and length distributions (PNG plots), logged as an MLflow artifact by each stage."""
+and length distributions (PNG plots), written next to the stage's output and logged to the tracker
+by `publish_report`, the one way a data stage reports.
+
+The report is part of the stage's DVC output, so it holds no timings: a rerun that redoes nothing
+must leave the output's hash as it was. Throughput goes to the metrics and the log.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmpipe.data.accounting import LENGTH_BINS, Counts
 from llmpipe.io import atomic_path, write_text_atomic
 
+if TYPE_CHECKING:
+    from llmpipe.stages import StageContext
+
+PLOTS = ("lengths.png", "reject_reasons.png")
+
+
+def publish_report(ctx: StageContext, counts: Counts, out_dir: Path, extra: str = "",
+                   also: Sequence[Path] = ()) -> Path:
+    """Write the stage's report and plots into `out_dir` and log them, and the files `also`, to the
+    tracker as the `<stage>_report` artifacts; returns the report's path."""
+    report = write_report(ctx.name, counts, out_dir, extra=extra)
+    for artifact in (report, *(out_dir / plot for plot in PLOTS), *also):
+        ctx.tracker.log_artifact(artifact, f"{ctx.name}_report")
+    return report
+
 
 def write_report(stage: str, counts: Counts, out_dir: Path, extra: str = "") -> Path:
     """Write `<out_dir>/report.md` (+ plots) and return its path. `extra` is appended markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_lengths(counts, out_dir / "lengths.png", stage)
-    _plot_reasons(counts, out_dir / "reject_reasons.png", stage)
+    lengths_png, reasons_png = (out_dir / plot for plot in PLOTS)
+    _plot_lengths(counts, lengths_png, stage)
+    _plot_reasons(counts, reasons_png, stage)
     lines = [f"# {stage}: data report", "",
              f"Read {sum(counts.read.values()):,} records ({counts.chars_read:,} characters); kept "
              f"{sum(counts.kept.values()):,} ({counts.chars_kept:,} characters); rejected {counts.rejected_total():,}.",

@@ -1,17 +1,38 @@
-"""Shard-by-shard execution for the data stages: parallel, resumable, fingerprinted.
+"""The one shard runner of the data stages: completion, pruning, resumption and throughput.
 
-A stage splits its work into `ShardTask`s, each writing one output shard and one quarantine shard.
-A task whose completion marker carries the same fingerprint (params + inputs + the stage's code
-fingerprint) is skipped on rerun, so a killed run resumes where it stopped and a changed setting
-redoes exactly the affected shards, and changed code all of them.
+A stage splits its work into `ShardTask`s, each writing one output shard (and, for record shards, one
+quarantine shard) under one output directory, and hands them to `run_shards`, which
+- prunes the shards, markers and temp files of that directory that the task list no longer produces,
+- skips a task whose completion marker carries the task's fingerprint (params + inputs + the stage's
+  code fingerprint), so a killed run resumes where it stopped, a changed setting redoes exactly the
+  affected shards, and changed code all of them,
+- runs the others, in a pool of `workers` processes, checks each shard's accounting against its files
+  and only then writes its marker,
+- and returns a `ShardRun`: the merged counts of every shard (resumed ones from their markers, which
+  stages never read themselves) and what this run did.
 Peak memory is one shard per worker, independent of corpus size.
+
+Throughput, one definition for every data stage (`throughput_metrics`):
+    mb_per_s             = input MB newly processed by this run / wall seconds of this run's shard work
+    mb_per_s_per_worker  = the same MB / CPU seconds of that shard work, summed over the shards
+                           (what one core does; stable when other jobs share the machine)
+    input_mb             = input MB of all shards, processed now or resumed
+The input MB of a shard is the `input_bytes` its task counts: the bytes of the stage's input behind
+it (source file bytes for ingest, characters for a Hugging Face stream; the UTF-8 text of the input
+shard for clean and dedup). Newly processed: shards resumed from their markers count neither their
+MB nor their time, and a run that resumed every shard reports 0. The shard work is the runner
+processing those shards, worker pool start included; a stage with a preparatory pass over the same
+input (dedup's sketches) adds that pass's seconds, not its MB (the same bytes again). Excluded:
+planning and hashing the inputs, pruning and the marker checks, work between passes (dedup's global
+LSH step), the report and its plots, and tracking.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,70 +51,124 @@ class ShardTask:
     index: int
     inputs: tuple[Any, ...]  # input shard paths, or source descriptors for ingest
     output: Path  # <out>/part-XXXXX.parquet
-    quarantine: Path  # <out>/quarantine/part-XXXXX.parquet
+    quarantine: Path | None  # <out>/quarantine/part-XXXXX.parquet; None: not a record shard (a sketch)
     fingerprint: str  # hash of params + inputs + code; a marker with another one is stale
-    records: bool = True  # output and quarantine are record shards, checked against the counts (not sketches)
 
 
 def shard_paths(out_dir: Path, index: int) -> tuple[Path, Path]:
+    """(output, quarantine) of record shard `index`."""
     name = f"part-{index:05d}.parquet"
     return out_dir / name, out_dir / "quarantine" / name
 
 
-def prune_stale(out_dir: Path, tasks: list[ShardTask]) -> None:
-    """Remove shards, markers and temp leftovers that the current task list does not produce."""
-    wanted = {t.output.name for t in tasks}
+@dataclass
+class ShardRun:
+    """What one `run_shards` call found and did."""
+
+    counts: Counts  # merged over every shard, processed now or resumed
+    shard_counts: list[Counts]  # per task, in task order
+    resumed: int  # shards taken as done from their markers
+    new_input_bytes: int  # `input_bytes` of the shards processed now
+    seconds: float  # wall seconds of processing them (0 when none were)
+    cpu_seconds: float  # CPU seconds of processing them, summed over shards
+
+    @property
+    def shards(self) -> int:
+        return len(self.shard_counts)
+
+
+def run_shards(tasks: list[ShardTask], process: Callable[[ShardTask], Counts], *, out_dir: Path, workers: int,
+               stage: str, suffix: str = ".parquet") -> ShardRun:
+    """Prune `out_dir` to the shards `tasks` produce, run `process` on every task not already done, and
+    return the counts of all of them. `suffix` names the shard files (`part-*<suffix>`)."""
+    _prune(out_dir, {t.output.name for t in tasks}, suffix)
+    shard_counts = [_done_counts(task) for task in tasks]
+    pending = [i for i, counts in enumerate(shard_counts) if counts is None]
+    if len(pending) < len(tasks):
+        log.info("%s: %d of %d shards already done, skipping them", stage, len(tasks) - len(pending), len(tasks))
+    start, cpu = time.perf_counter(), 0.0
+    for i, counts, task_cpu in _process(tasks, pending, process, workers, stage):
+        shard_counts[i] = counts
+        cpu += task_cpu
+    seconds = time.perf_counter() - start if pending else 0.0
+    total = Counts()
+    for counts in shard_counts:
+        total.merge(counts)
+    total.check(stage)
+    new_bytes = sum(int(shard_counts[i].stats["input_bytes"]) for i in pending)
+    return ShardRun(total, shard_counts, len(tasks) - len(pending), new_bytes, seconds, cpu)
+
+
+def throughput_metrics(run: ShardRun, preparatory: Sequence[ShardRun] = ()) -> dict[str, float]:
+    """The runner's metrics of a stage whose output shards `run` wrote (see the module docstring);
+    `preparatory`: earlier passes over the same input, whose time counts and whose MB do not."""
+    new_mb = run.new_input_bytes / 1e6
+    seconds = run.seconds + sum(p.seconds for p in preparatory)
+    cpu = run.cpu_seconds + sum(p.cpu_seconds for p in preparatory)
+    return {"shards": float(run.shards), "shards_resumed": float(run.resumed),
+            "input_mb": run.counts.stats["input_bytes"] / 1e6,
+            "mb_per_s": new_mb / seconds if new_mb and seconds else 0.0,
+            "mb_per_s_per_worker": new_mb / cpu if new_mb and cpu else 0.0}
+
+
+def describe_throughput(metrics: dict[str, float]) -> str:
+    """The runner's metrics as a log phrase: "7 shards (2 resumed), 12.4 MB, 9.1 MB/s (11.0 per worker)"."""
+    return (f"{metrics['shards']:.0f} shards ({metrics['shards_resumed']:.0f} resumed), {metrics['input_mb']:.1f} MB, "
+            f"{metrics['mb_per_s']:.1f} MB/s ({metrics['mb_per_s_per_worker']:.1f} per worker) this run")
+
+
+def _prune(out_dir: Path, wanted: set[str], suffix: str) -> None:
+    """Remove shards, their markers and temp leftovers that the current task list does not produce."""
     for directory in (out_dir, out_dir / "quarantine"):
         clean_stale_temps(directory)
-        for part in directory.glob("part-*.parquet"):
+        for part in directory.glob(f"part-*{suffix}"):
             if part.name not in wanted:
                 part.unlink()
                 marker_path(part).unlink(missing_ok=True)
 
 
-def run_shards(tasks: list[ShardTask], process: Callable[[ShardTask], Counts], *, workers: int, stage: str) -> Counts:
-    """Run `process` on every task not already done; return the merged counts of all tasks."""
-    total = Counts()
-    pending = []
-    for task in tasks:
-        info = done_info(task.output)
-        if info and info.get("fingerprint") == task.fingerprint and task.quarantine.exists():
-            total.merge(Counts.from_dict(info["counts"]))
-        else:
-            pending.append(task)
-    if len(pending) < len(tasks):
-        log.info("%s: %d of %d shards already done, skipping them", stage, len(tasks) - len(pending), len(tasks))
-    # This run's own figures, not summed over markers: what a rerun after a crash or an edit redid.
-    total.stats.update(shards=len(tasks), shards_resumed=len(tasks) - len(pending))
+def _done_counts(task: ShardTask) -> Counts | None:
+    """The counts in the task's marker if the shard is complete for this fingerprint, else None."""
+    info = done_info(task.output)
+    complete = task.quarantine is None or task.quarantine.exists()
+    if info and info.get("fingerprint") == task.fingerprint and complete:
+        return Counts.from_dict(info["counts"])
+    return None
+
+
+def _process(tasks: list[ShardTask], pending: list[int], process: Callable[[ShardTask], Counts], workers: int,
+             stage: str) -> Iterator[tuple[int, Counts, float]]:
+    """Run the tasks at positions `pending`; yield (position, counts, CPU seconds) as each one finishes."""
     bar = tqdm(total=len(pending), desc=stage, unit="shard", disable=not pending)
-    if workers <= 1 or len(pending) <= 1:
-        for task in pending:
-            total.merge(_run_one(process, stage, task))
-            bar.update()
-    else:
+    try:
+        if workers <= 1 or len(pending) <= 1:
+            for i in pending:
+                yield i, *_run_one(process, stage, tasks[i])
+                bar.update()
+            return
         # pyarrow imports pandas when it first builds a table; doing it once here saves every forked worker.
         import pandas  # noqa: F401
 
         with ProcessPoolExecutor(min(workers, len(pending)), mp_context=mp.get_context("fork")) as pool:
-            futures = [pool.submit(_run_one, process, stage, task) for task in pending]
+            futures = {pool.submit(_run_one, process, stage, tasks[i]): i for i in pending}
             for future in as_completed(futures):
-                total.merge(future.result())
+                yield futures[future], *future.result()
                 bar.update()
-    bar.close()
-    total.check(stage)
-    return total
+    finally:
+        bar.close()
 
 
-def _run_one(process: Callable[[ShardTask], Counts], stage: str, task: ShardTask) -> Counts:
+def _run_one(process: Callable[[ShardTask], Counts], stage: str, task: ShardTask) -> tuple[Counts, float]:
+    start = time.process_time()
     counts = process(task)
     where = f"{stage} shard {task.output.name}"
-    missing = [str(p) for p in dict.fromkeys((task.output, task.quarantine)) if not p.exists()]
+    missing = [str(p) for p in dict.fromkeys((task.output, task.quarantine)) if p and not p.exists()]
     if missing:
         raise AccountingError(f"{where}: {', '.join(missing)} not written (a bug in llmpipe, please report it)")
     # The files, not only the tallies: a record the writer lost is caught before the marker says done.
-    counts.check(where, written=_rows(task.output, task.quarantine) if task.records else None)
+    counts.check(where, written=_rows(task.output, task.quarantine) if task.quarantine else None)
     mark_done(task.output, {"fingerprint": task.fingerprint, "counts": counts.to_dict()})
-    return counts
+    return counts, time.process_time() - start
 
 
 def _rows(*paths: Path) -> tuple[int, ...]:

@@ -63,7 +63,7 @@ def test_a_record_read_but_neither_kept_nor_rejected_stops_the_stage(tmp_path):
     task = ShardTask(0, (), *shard_paths(tmp_path / "out", 0), "fingerprint")
     with pytest.raises(AccountingError, match=r"clean shard part-00000\.parquet: records unaccounted for.*\n"
                                               r"  web: read 3 != kept 2 \+ rejected 0"):
-        run_shards([task], forgets_the_last, workers=1, stage="clean")
+        run_shards([task], forgets_the_last, out_dir=tmp_path / "out", workers=1, stage="clean")
     assert done_info(task.output) is None
 
 

@@ -234,7 +234,7 @@ def test_killed_run_resumes_only_missing_shards(tmp_path, monkeypatch):
     sources = [{"name": "docs", "type": "files", "path": "docs"}]
     cfg = ingest.IngestConfig.model_validate({"sources": sources, "shard_mb": 500 / 1e6})
     ctx = stage_context(root, "ingest")
-    tasks = ingest.plan_tasks(cfg, root, ctx.code_fingerprint)
+    tasks = ingest.ingest_tasks(cfg, ctx)
     assert len(tasks) == 5
 
     def dies_on_shard_3(task):
@@ -243,7 +243,7 @@ def test_killed_run_resumes_only_missing_shards(tmp_path, monkeypatch):
         return ingest.process_task(task, cfg, root)
 
     with pytest.raises(RuntimeError, match="killed"):
-        run_shards(tasks, dies_on_shard_3, workers=1, stage="ingest")
+        run_shards(tasks, dies_on_shard_3, out_dir=root / "data" / "raw", workers=1, stage="ingest")
     done = [t.index for t in tasks if done_info(t.output)]
     assert done == [0, 1, 2]
 
