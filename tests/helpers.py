@@ -28,14 +28,26 @@ def _merge(base: dict, overrides: dict) -> dict:
     return base
 
 
+def run_records() -> set[str]:
+    """What a pipeline run in this checkout writes besides its outputs (dvc.lock, metrics, plots, DVC's
+    .gitignore files): a fresh clone has none of it, so a copy leaves it out."""
+    from llmpipe.stages import STAGES
+
+    records = {"dvc.lock", "data/.gitignore", "models/.gitignore"}
+    for spec in STAGES.values():
+        records |= {spec.metrics_file, *spec.plots}
+    return records
+
+
 def copy_checkout(dest: Path) -> Path:
-    """What a fresh clone of this working tree holds (tracked and untracked-not-ignored files, tests and
-    benchmarks left out), committed to a new git repository at `dest`."""
+    """What a fresh clone of this working tree holds (tracked and untracked-not-ignored files, tests,
+    benchmarks and a local run's records left out), committed to a new git repository at `dest`."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split("\n")
+    skip = run_records()
     for rel in filter(None, files):
         src = ROOT / rel
-        if src.is_file() and not rel.startswith(("tests/", "benchmarks/")):
+        if src.is_file() and not rel.startswith(("tests/", "benchmarks/")) and rel not in skip:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
