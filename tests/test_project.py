@@ -110,6 +110,9 @@ def test_init_then_dvc_repro_on_own_data_reruns_only_what_an_llmpipe_upgrade_cha
     out = run(dvc, "repro", "dedup", cwd=project)
     ingest = json.loads((project / "metrics" / "ingest.json").read_text())
     assert ingest["shards_resumed"] == 0 and ingest["shards"] >= 1
-    assert "Stage 'clean' didn't change, skipping" in out  # the same records: nothing downstream reruns
+    # the same records under new completion markers: clean reruns but redoes no shard, dedup is skipped
+    clean = json.loads((project / "metrics" / "clean.json").read_text())
+    assert clean["shards_resumed"] == clean["shards"] >= 1
+    assert "Stage 'dedup' didn't change, skipping" in out
     assert json.loads((project / "metrics" / "dedup.json").read_text())["records_kept"] == kept
     assert os.environ.get("PYTHONPATH") != str(site)  # the test process itself ran the real package
