@@ -9,6 +9,11 @@
 
 All three take q (B, H, T, D), k and v (B, Hkv, T, D) with H a multiple of Hkv (query head h reads
 kv head h // (H / Hkv), the Llama / repeat_interleave grouping) and return (B, H, T, D).
+
+`masked_attention` is the decoding form: Tq new queries against Tk >= Tq cached keys under an
+explicit (B, 1, Tq, Tk) mask (causal and padding in one; see cache.py). sdpa and math run it;
+flash_attn's varlen/kv-cache API has no per-key mask for left padding, so a cached forward asked for
+flash_attn (or auto on CUDA) runs sdpa and logs why (`resolve_masked_backend`).
 """
 
 from __future__ import annotations
@@ -102,6 +107,34 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)  # (B, H, T, D)
 
 
+def resolve_masked_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The backend a cached (masked) forward runs for the configured `name`: sdpa in place of flash_attn."""
+    choice = resolve_backend(name, device, dtype)  # validates the name and device as training would
+    if choice == "flash_attn":
+        key = ("masked", str(device), choice)
+        if key not in _logged:
+            _logged.add(key)
+            log.info("attention backend for cached decoding: sdpa (asked for %r on %s; flash_attn has no "
+                     "per-key padding mask, which left-padded batches need)", name, device)
+        return "sdpa"
+    return choice
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     backend: str = "sdpa") -> torch.Tensor:
+    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), mask (B, 1, Tq, Tk) bool (True: attend) -> (B, H, Tq, D).
+
+    `backend` is a resolved one (see resolve_masked_backend): "sdpa" or "math"."""
+    B, H, Tq, D = q.shape
+    assert k.shape == v.shape == (B, k.shape[1], k.shape[2], D) and H % k.shape[1] == 0, (q.shape, k.shape)
+    assert mask.shape == (B, 1, Tq, k.shape[2]), (mask.shape, q.shape, k.shape)
+    if backend == "math":
+        return _math(q, k, v, mask)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
+    raise UserError(f"attention backend {backend!r} cannot run a masked (cached) forward; use sdpa or math")
+
+
 @torch.compiler.assume_constant_result
 def _cuda_major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
@@ -124,14 +157,18 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)  # (B, H, T, D)
 
 
-def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """mask None: causal over T queries and T keys; else (B, 1, Tq, Tk) bool, True where a query may look."""
     B, H, T, D = q.shape
     group = H // k.shape[1]
     if group > 1:  # share each kv head with `group` consecutive query heads
         k = k.repeat_interleave(group, dim=1)  # (B, H, T, D)
         v = v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, Tq, Tk)
+    if mask is None:
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    else:
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in fp32 for bf16 inputs
     return probs @ v  # (B, H, T, D)

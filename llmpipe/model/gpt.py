@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmpipe.errors import UserError
-from llmpipe.model.attention import causal_attention, resolve_backend
+from llmpipe.model.attention import causal_attention, masked_attention, resolve_backend, resolve_masked_backend
+from llmpipe.model.cache import KVCache
 from llmpipe.model.config import ModelConfig
 
 
@@ -50,10 +51,14 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) ->
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, H, D) by position. Rotate-half convention (HF Llama): dimension i pairs with
-    i + D/2, not with its neighbour i + 1 as in the original RoFormer/Meta code."""
+    i + D/2, not with its neighbour i + 1 as in the original RoFormer/Meta code.
+
+    cos/sin are (T, D/2), the same positions for every row (training), or (B, T, D/2), each row's own
+    positions (decoding: a row's offset in the cache, left padding)."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
-    cos = cos[None, :, None, :].to(x.dtype)  # (1, T, 1, D/2)
-    sin = sin[None, :, None, :].to(x.dtype)
+    rows = None if cos.ndim == 2 else slice(None)  # (1, T, 1, D/2) or (B, T, 1, D/2)
+    cos = cos[rows, :, None, :].to(x.dtype)
+    sin = sin[rows, :, None, :].to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, T, H, D)
 
 
@@ -69,7 +74,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: "_Cached | None" = None,
+                layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -77,7 +83,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend)  # (B, H, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
+        if cached is None:
+            y = causal_attention(q, k, v, self.backend)  # (B, H, T, D)
+        else:  # the new tokens against everything cached so far, themselves included
+            k, v = cached.cache.write(layer, cached.start, k, v)  # (B, Hkv, S, D)
+            y = masked_attention(q, k, v, cached.mask, cached.backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.wo(y)  # (B, T, C)
 
@@ -101,9 +112,17 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: "_Cached | None" = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cached, layer)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class _Cached:
+    """What every layer of one cached forward shares: the cache, the first slot written, the mask, the backend."""
+
+    def __init__(self, cache: KVCache, start: int, mask: torch.Tensor, backend: str):
+        self.cache, self.start, self.mask, self.backend = cache, start, mask, backend
 
 
 class GPT(nn.Module):
@@ -141,12 +160,32 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (default and limit: max_seq_len)."""
+        cfg = self.config
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not 0 < max_len <= cfg.max_seq_len:
+            raise UserError(f"KV cache length {max_len} must be in 1..max_seq_len ({cfg.max_seq_len}): "
+                            f"rotary positions beyond max_seq_len were never trained")
+        weight = self.tok_embeddings.weight
+        return KVCache(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype or weight.dtype, weight.device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
         loss is the mean cross-entropy over targets != -100 (the ignore index that fine-tuning uses to
         mask prompt tokens); a batch whose targets are all -100 gives nan.
+
+        Decoding: with `cache`, idx are the next tokens after what the cache holds (rotary positions
+        continue each row's count, attention covers the cache and idx, causal within idx) and their
+        keys/values are appended to it. `attention_mask` (B, T), False at padding (left padding of a
+        batch of prompts), implies a fresh cache when none is given. `logits_to_keep` n > 0 computes
+        the logits of the last n positions only (decoding needs the last one, not the whole prompt's).
         """
+        if cache is not None or attention_mask is not None:
+            return self._forward_cached(idx, targets, cache, attention_mask, logits_to_keep)
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise UserError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
@@ -156,9 +195,32 @@ class GPT(nn.Module):
         x = self.tok_embeddings(idx)  # (B, T, C)
         for layer in self.layers:
             x = layer(x, cos, sin)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self._head(x, targets)
+
+    def _forward_cached(self, idx: torch.Tensor, targets: torch.Tensor | None, cache: KVCache | None,
+                        attention_mask: torch.Tensor | None, logits_to_keep: int
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = idx.shape
+        if cache is None:
+            cache = self.new_cache(B, T)
+        backend = resolve_masked_backend(self.config.attn_backend, idx.device)
+        positions, mask, start = cache.append(B, T, attention_mask)
+        cached = _Cached(cache, start, mask, backend)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, D/2)
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cached, i)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self._head(x, targets)
+
+    def _head(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits, None
+        B, T = targets.shape
         # cross_entropy runs in fp32 under autocast; -100 positions contribute nothing
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
@@ -185,12 +247,23 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, eos_id: int | None = None) -> torch.Tensor:
-        """Sample max_new_tokens after idx (B, T); returns (B, T + n). No KV cache: each step reruns
-        the last max_seq_len tokens. temperature 0 is greedy. With eos_id, a row that produced it
-        keeps emitting eos_id and generation stops early once every row has."""
+        """Sample max_new_tokens after idx (B, T); returns (B, T + n). temperature 0 is greedy. With
+        eos_id, a row that produced it keeps emitting eos_id and generation stops early once every row has.
+
+        Uses a KV cache: one forward over the prompt, then one token per step. Once the context fills
+        max_seq_len, each step recomputes the last max_seq_len tokens from scratch (the window a
+        cacheless loop would see), since rotary positions cannot slide inside a cache."""
+        window = self.config.max_seq_len
+        cache = self.new_cache(idx.shape[0])
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.max_seq_len:])
+        logits, _ = self(idx[:, -window:], cache=cache, logits_to_keep=1)
+        for step in range(max_new_tokens):
+            if step:
+                if cache.end == window:  # full: start over on the last `window` tokens
+                    cache.reset()
+                    logits, _ = self(idx[:, -window:], cache=cache, logits_to_keep=1)
+                else:
+                    logits, _ = self(idx[:, -1:], cache=cache, logits_to_keep=1)
             logits = logits[:, -1, :].float()  # (B, V)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
