@@ -147,8 +147,8 @@ class Sampler:
         sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
-        # a token is needed while the mass before it is still short of p; the first always is
-        drop = (mass_before >= self._top_p) & (rank > 0)
+        # a token is needed while the mass before it is still short of p: the first always is (p > 0)
+        drop = mass_before >= self._top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 

@@ -45,6 +45,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
     assert float(PROBS[ORDER[:kept]].sum()) >= p - 1e-6 > float(PROBS[ORDER[:kept - 1]].sum())
 
 
+def test_top_p_stops_as_soon_as_the_mass_reaches_p_exactly():
+    # four equal logits: probabilities 0.25 each, exact in binary, so the boundary is exact too
+    probs = probs_for([SamplingParams(top_p=0.5), SamplingParams(top_p=0.75), SamplingParams(top_p=0.7)],
+                      torch.zeros(3, 4))
+    assert (probs > 0).sum(dim=-1).tolist() == [2, 3, 3]
+    torch.testing.assert_close(probs[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+
+
 def test_each_row_gets_its_own_truncation_in_one_batch():
     params = [SamplingParams(top_k=2), SamplingParams(top_p=0.8), SamplingParams(),
               SamplingParams(top_k=3, top_p=0.6)]
