@@ -3,11 +3,15 @@ the CTRL rule, temperature 0 is greedy, and a seed fixes a request's tokens what
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from llmpipe.errors import UserError
 from llmpipe.serve.sampling import Sampler, SamplingParams, context_mask, mark_seen
+from tests.train.test_imports import BLOCKED, PROBE, ROOT
 
 # known probabilities, deliberately not in vocabulary order
 PROBS = torch.tensor([0.15, 0.05, 0.5, 0.1, 0.2])
@@ -122,6 +126,8 @@ def test_the_same_seed_gives_the_same_tokens_and_other_seeds_differ():
     assert sample_run([SamplingParams(seed=7)], FLAT)[0] == first
     assert sample_run([SamplingParams(seed=8)], FLAT)[0] != first
     assert len(set(first)) > 10  # really sampling, not stuck on one token
+    # without a seed every request gets a fresh one
+    assert sample_run([SamplingParams()], FLAT)[0] != sample_run([SamplingParams()], FLAT)[0]
 
 
 def test_a_rows_tokens_do_not_depend_on_the_rest_of_the_batch():
@@ -152,3 +158,11 @@ def test_sampling_follows_the_processed_distribution():
 def test_bad_settings_are_user_errors_naming_the_setting_and_value(field, value):
     with pytest.raises(UserError, match=f"{field}={value!r}".replace("(", r"\(").replace("*", r"\*")):
         SamplingParams(**{field: value})
+
+
+def test_sampling_and_text_import_on_a_bare_gpu_node():
+    # the engine runs where only torch, numpy and the standard library are installed
+    modules = ["llmpipe.serve.sampling", "llmpipe.serve.text"]
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(blocked=BLOCKED, modules=modules)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
