@@ -166,3 +166,22 @@ def test_sampling_and_text_import_on_a_bare_gpu_node():
     proc = subprocess.run([sys.executable, "-c", PROBE.format(blocked=BLOCKED, modules=modules)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, penalty", [
+    (1.0, 0, 1.0, 1.3), (0.7, 10, 1.0, 1.0), (1.3, 0, 0.8, 1.0), (0.9, 20, 0.6, 1.2), (0.5, 3, 0.95, 0.8)])
+def test_processing_matches_hugging_face_logits_processors(temperature, top_k, top_p, penalty):
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    gen = torch.Generator().manual_seed(top_k)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    context = torch.randint(0, 50, (4, 12), generator=gen)
+    hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)]
+                             + ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)])
+    want = hf(context, logits.clone())
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    got = Sampler([params] * 4, "cpu").processed_logits(logits, context_mask(context.tolist(), 50, "cpu"))
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    torch.testing.assert_close(got[torch.isfinite(got)], want[torch.isfinite(want)])
