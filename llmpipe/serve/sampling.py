@@ -163,6 +163,18 @@ class Sampler:
             probs = torch.where(self._greedy, one_hot, probs)
         return probs
 
+    def probs_along(self, logits: torch.Tensor, seen: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) distributions for T positions of a proposed continuation `tokens` (B, T - 1):
+        position t sees the context plus tokens[:, :t], exactly as if the tokens had been sampled
+        one step at a time (what the speculative decoder verifies in one forward pass)."""
+        seen = None if seen is None else seen.clone()
+        out = []
+        for t in range(logits.shape[1]):
+            out.append(self.probs(logits[:, t], seen))
+            if seen is not None and t < tokens.shape[1]:
+                mark_seen(seen, tokens[:, t])
+        return torch.stack(out, dim=1)
+
     # -- drawing ------------------------------------------------------------------------------
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One token per row (B,) from (B, V) probabilities, each row with its own generator;

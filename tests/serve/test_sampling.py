@@ -151,6 +151,22 @@ def test_sampling_follows_the_processed_distribution():
     torch.testing.assert_close(counts / counts.sum(), expected(ORDER[:3]), atol=0.03, rtol=0)
 
 
+def test_probs_along_a_continuation_equal_the_probs_step_by_step():
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 4, 30, generator=gen)  # (B, T, V)
+    proposed = torch.randint(0, 30, (2, 3), generator=gen)
+    sampler = Sampler([SamplingParams(repetition_penalty=1.5, top_p=0.9), SamplingParams(temperature=0,
+                                                                                          repetition_penalty=3.0)],
+                      "cpu")
+    seen = context_mask([[1, 2], [3]], 30, "cpu")
+    along = sampler.probs_along(logits, seen, proposed)
+    assert seen.sum().item() == 3  # the caller's mask is left as it was
+    for t in range(4):
+        torch.testing.assert_close(along[:, t], sampler.probs(logits[:, t], seen))
+        if t < 3:
+            mark_seen(seen, proposed[:, t])
+
+
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"), ("top_k", -1), ("top_k", 2.5),
     ("top_p", 0.0), ("top_p", 1.5), ("repetition_penalty", 0.0), ("seed", -1), ("seed", 2**64),
