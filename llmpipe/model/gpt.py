@@ -182,7 +182,8 @@ class GPT(nn.Module):
         continue each row's count, attention covers the cache and idx, causal within idx) and their
         keys/values are appended to it. `attention_mask` (B, T), False at padding (left padding of a
         batch of prompts), implies a fresh cache when none is given. `logits_to_keep` n > 0 computes
-        the logits of the last n positions only (decoding needs the last one, not the whole prompt's).
+        the logits of the last n positions only (decoding needs the last one, not the whole prompt's);
+        targets, if given, must then cover those n positions.
         """
         if cache is not None or attention_mask is not None:
             return self._forward_cached(idx, targets, cache, attention_mask, logits_to_keep)
@@ -253,6 +254,8 @@ class GPT(nn.Module):
         Uses a KV cache: one forward over the prompt, then one token per step. Once the context fills
         max_seq_len, each step recomputes the last max_seq_len tokens from scratch (the window a
         cacheless loop would see), since rotary positions cannot slide inside a cache."""
+        if max_new_tokens <= 0:
+            return idx
         window = self.config.max_seq_len
         cache = self.new_cache(idx.shape[0])
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
