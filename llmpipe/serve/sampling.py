@@ -133,10 +133,11 @@ class Sampler:
 
     def processed_logits(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """(B, V) logits after penalty, temperature, top-k and top-p; removed tokens are -inf."""
-        logits = self.penalized(logits, seen) / self._temperature
-        if self._any_truncation:
-            logits = self._truncate(logits)
-        return logits
+        return self._warp(self.penalized(logits, seen))
+
+    def _warp(self, penalized: torch.Tensor) -> torch.Tensor:
+        logits = penalized / self._temperature
+        return self._truncate(logits) if self._any_truncation else logits
 
     def _truncate(self, logits: torch.Tensor) -> torch.Tensor:
         # one stable sort serves both rules; exactly k tokens survive top-k even when logits tie
@@ -155,10 +156,11 @@ class Sampler:
     def probs(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """(B, V) float32 distribution each row samples from; a greedy row is one-hot on its argmax
         (so speculative accept/reject reduces to exact matching for it)."""
-        probs = torch.softmax(self.processed_logits(logits, seen), dim=-1)
+        penalized = self.penalized(logits, seen)
+        probs = torch.softmax(self._warp(penalized), dim=-1)
         if self._any_greedy:
             # the argmax of the penalized logits: temperature and truncation never move it
-            best = self.penalized(logits, seen).argmax(dim=-1, keepdim=True)  # (B, 1)
+            best = penalized.argmax(dim=-1, keepdim=True)  # (B, 1)
             one_hot = torch.zeros_like(probs).scatter_(1, best, 1.0)
             probs = torch.where(self._greedy, one_hot, probs)
         return probs
