@@ -82,9 +82,10 @@ def test_a_batch_of_different_lengths_gives_what_each_prompt_gives_alone(model, 
 def test_rows_finishing_early_leave_the_others_unchanged(model, tokenizer):
     engine = Engine(model, no_eos(tokenizer))
     short = SamplingParams(temperature=0, max_new_tokens=2)
-    mixed = engine.generate(PROMPTS, [short, GREEDY, short])
-    assert [c.completion_tokens for c in mixed] == [2, 12, 2]
-    assert mixed[1].token_ids == engine.generate([PROMPTS[1]], GREEDY)[0].token_ids
+    mixed = engine.generate(PROMPTS, [GREEDY, short, GREEDY])
+    assert [c.completion_tokens for c in mixed] == [12, 2, 12]
+    for row in (0, 2):  # both rows still running after row 1 left the batch
+        assert mixed[row].token_ids == engine.generate([PROMPTS[row]], GREEDY)[0].token_ids
 
 
 def test_the_same_seed_gives_the_same_text_and_another_seed_other_text(engine):
@@ -110,6 +111,17 @@ def test_a_stop_string_split_across_tokens_ends_the_text_before_it(model, tokeni
     assert "".join(deltas) == done.text
     n = len(done.token_ids)
     assert n < free.completion_tokens and done.token_ids == free.token_ids[:n]  # it stopped generating there
+
+
+def test_text_held_back_for_a_possible_stop_is_shown_when_generation_ends(model, tokenizer):
+    engine = Engine(model, no_eos(tokenizer))
+    params = SamplingParams(temperature=1.0, seed=11, max_new_tokens=20)
+    [free] = engine.generate([PROMPTS[0]], params)
+    never = free.text[-1] + "\x00never"  # its start is the text's last character: held back until the end
+    deltas: list[str] = []
+    [done] = engine.generate([PROMPTS[0]], params, stop=[never], on_delta=lambda row, text: deltas.append(text))
+    assert (done.text, done.finish_reason) == (free.text, "length")
+    assert "".join(deltas) == free.text
 
 
 def test_streamed_deltas_join_to_each_rows_text(model, tokenizer):
