@@ -215,5 +215,73 @@ def plan(preset: str, vocab_size: int, tokens: str | None, gpu: str, num_gpus: i
     click.echo(format_plan(result))
 
 
+def _model_options(command):
+    """--model and --draft, shared by generate and chat."""
+    command = click.option("--draft", default=None, metavar="DIR|STAGE",
+                           help="A smaller model on the same tokens: speculative decoding.")(command)
+    return click.option("--model", "model", default=None, metavar="DIR|STAGE",
+                        help="A checkpoint or stage output directory, or a stage name. "
+                             "Default: the project's newest trained model.")(command)
+
+
+def _sampling_options(command):
+    """The sampling settings (llmpipe.serve.sampling.SamplingParams), shared by generate and chat."""
+    for option in reversed([
+        click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Tokens to generate at most."),
+        click.option("--temperature", type=float, default=1.0, show_default=True, help="0 is greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens; 0: all."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass to keep; 1: all."),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 is off."),
+        click.option("--seed", type=int, default=None, help="Same seed, prompt and settings: same text."),
+        click.option("--stop", "stop", multiple=True, help="End the text before this string (repeatable)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+              seed: int | None):
+    from llmpipe.serve.sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                          seed=seed, max_new_tokens=max_new_tokens)
+
+
+@main.command()
+@_model_options
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable; all run as one batch).")
+@click.option("--prompts-file", default=None, metavar="FILE", help="Prompts, one per line; - reads stdin.")
+@_sampling_options
+def generate(model: str | None, draft: str | None, prompts: tuple[str, ...], prompts_file: str | None,
+             stop: tuple[str, ...], **sampling: Any) -> None:
+    """Continue prompts with a trained model; one prompt streams, several print once done.
+
+    Example: llmpipe generate --prompt "To be, or not" --max-new-tokens 50 --temperature 0.8 --seed 1
+    """
+    from llmpipe.serve.engine import load_engine, print_completions, read_prompts
+
+    texts = read_prompts(prompts, prompts_file)
+    params = _sampling(**sampling)
+    engine, _ = load_engine(model, draft)
+    print_completions(engine, texts, params, stop, sys.stdout, sys.stderr)
+
+
+@main.command()
+@_model_options
+@click.option("--system", default=None, help="A system message that starts every conversation.")
+@_sampling_options
+def chat(model: str | None, draft: str | None, system: str | None, stop: tuple[str, ...], **sampling: Any) -> None:
+    """Chat with a trained model in the terminal (its tokenizer's chat template, history, streaming).
+
+    /reset clears the history, /exit quits; Ctrl-C stops the current reply and keeps the session.
+    """
+    from llmpipe.serve.chat import ChatSession, run_chat
+    from llmpipe.serve.engine import load_engine
+
+    params = _sampling(**sampling)
+    engine, info = load_engine(model, draft)
+    run_chat(ChatSession(engine, params, system, stop), banner=f"chat with {info.path} (context {engine.max_seq_len})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

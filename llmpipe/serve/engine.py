@@ -91,7 +91,11 @@ class Engine:
     turns on speculative decoding."""
 
     def __init__(self, model, tokenizer, device: torch.device | str = "cpu", draft=None):
+        from llmpipe.model.attention import resolve_masked_backend
+
         self.model, self.tokenizer, self.device, self.draft = model.eval(), tokenizer, torch.device(device), draft
+        # now, so the backend's log line comes before any streamed text rather than in the middle of it
+        resolve_masked_backend(model.config.attn_backend, self.device)
 
     @property
     def max_seq_len(self) -> int:
@@ -128,7 +132,7 @@ class Engine:
                 room = self.max_seq_len - len(prompt)
                 fix = (f"lower --max-new-tokens to {room} or shorten the prompt" if room > 0
                        else "shorten the prompt")
-                raise UserError(f"prompt {k}: {len(prompt)} prompt tokens + max_new_tokens {p.max_new_tokens} "
+                raise UserError(f"prompt {k + 1} of {len(ids)}: {len(prompt)} prompt tokens + max_new_tokens {p.max_new_tokens} "
                                 f"exceed the model's max_seq_len {self.max_seq_len}; {fix}")
 
     def _decode(self, ids: list[list[int]], params: list[SamplingParams], rows: list[_Row]) -> None:
@@ -265,4 +269,49 @@ def tokens_per_second(completions: Sequence[Completion], seconds: float) -> floa
     return sum(c.completion_tokens for c in completions) / max(seconds, 1e-9)
 
 
-__all__ = ["Completion", "Engine", "left_pad", "load_engine", "newest_model", "tokens_per_second"]
+
+
+def read_prompts(prompts: Sequence[str], prompts_file: str | None, stdin=None) -> list[str]:
+    """The prompts of `llmpipe generate`: each --prompt, then one per line of --prompts-file ("-": stdin)."""
+    import sys
+    from pathlib import Path
+
+    found = list(prompts)
+    if prompts_file is not None:
+        try:
+            text = (stdin or sys.stdin).read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--prompts-file {prompts_file}: cannot read it as UTF-8 text ({exc})") from None
+        found += [line for line in text.splitlines() if line.strip()]
+    if not found:
+        raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE (one per line, - for stdin)")
+    return found
+
+
+def print_completions(engine: Engine, prompts: list[str], params: SamplingParams, stop: Sequence[str], out, err
+                      ) -> list[Completion]:
+    """Generate and print: one prompt streams its text as it comes; several print each completion under
+    a header once the batch is done. A summary per completion goes to `err`."""
+    import time
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    started = time.perf_counter()
+    stream = (lambda row, text: write(text)) if len(prompts) == 1 else None
+    done = engine.generate(prompts, params, stop=stop, on_delta=stream)
+    seconds = time.perf_counter() - started
+    for k, (prompt, completion) in enumerate(zip(prompts, done)):
+        if stream is None:
+            write(f"--- {k + 1}/{len(prompts)}: {prompt}\n{completion.text}\n")
+        else:
+            write("\n")
+        err.write(f"[{k + 1}] finish={completion.finish_reason} prompt_tokens={completion.prompt_tokens} "
+                  f"completion_tokens={completion.completion_tokens}\n")
+    err.write(f"{tokens_per_second(done, seconds):.1f} tokens/s\n")
+    return done
+
+
+__all__ = ["Completion", "Engine", "left_pad", "load_engine", "newest_model", "print_completions", "read_prompts",
+           "tokens_per_second"]
