@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from llmpipe.model import GPT, ModelConfig
 from llmpipe.serve import speculative
 from llmpipe.serve.sampling import Sampler, SamplingParams, context_mask, mark_seen
 from llmpipe.serve.speculative import speculative_generate
+from tests.train.test_imports import BLOCKED, PROBE, ROOT
 
 GREEDY = SamplingParams(temperature=0)
 ALPHA = 1e-3  # the distribution tests fail by chance once in a thousand runs at most
@@ -247,3 +250,10 @@ def test_the_chi_square_test_catches_a_rule_that_accepts_every_draft(small_pair,
     monkeypatch.setattr(speculative._Run, "_accepted", lambda self, proposal, p, q: proposal.shape[1])
     counts = sample_pairs(target, draft, params, 300)  # the draft is so far off that 300 draws show it
     assert chi_square_p_value(counts, p) < ALPHA
+
+
+def test_speculative_imports_on_a_bare_gpu_node():
+    # the engine imports it lazily where only torch, numpy and the standard library are installed
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(blocked=BLOCKED, modules=["llmpipe.serve.speculative"])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
