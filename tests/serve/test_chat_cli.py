@@ -35,6 +35,7 @@ class Terminal:
                                      stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
         os.close(slave)
         self.seen = ""  # everything printed so far
+        self.closed = False  # the process has closed its end: nothing more will come
         self.read_to = 0  # expect() searches from here
 
     def expect(self, pattern: str, timeout: float = 120) -> re.Match:
@@ -45,13 +46,13 @@ class Terminal:
                 self.read_to = found.end()
                 return found
             left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None and not select.select([self.master], [], [], 0)[0]:
+            if left <= 0 or self.closed:
                 raise AssertionError(f"{pattern!r} never came; the terminal showed:\n{self.seen}")
             if select.select([self.master], [], [], min(left, 0.5))[0]:
                 try:
                     self.seen += os.read(self.master, 65536).decode("utf-8", errors="replace")
-                except OSError:  # the process closed the terminal
-                    pass
+                except OSError:  # EIO: every process holding the terminal has exited
+                    self.closed = True
 
     def send(self, line: str) -> None:
         os.write(self.master, (line + "\n").encode())
@@ -73,6 +74,13 @@ def test_generate_streams_one_prompt_and_batches_several(served_project):
     blocks = re.split(r"--- \d/2: .*\n", again.stdout)
     assert again.stdout.startswith("--- 1/2: To be\n") and "--- 2/2: hello there\n" in again.stdout
     assert blocks[1] == one.stdout  # in a batch, the same greedy text as alone
+
+
+def test_generate_with_a_draft_model_gives_the_same_greedy_text(served_project):
+    args = ("generate", "--prompt", "To be", "--temperature", "0", "--max-new-tokens", "12")
+    plain, drafted = llmpipe(served_project, *args), llmpipe(served_project, *args, "--draft", "pretrain")
+    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout and plain.stdout.strip()
 
 
 def test_generate_refuses_what_a_user_can_fix_with_an_error_line(served_project, tmp_path):
