@@ -10,6 +10,9 @@ end of sequence, max_new_tokens) is dropped from the batch, its cache rows with 
 never makes the finished ones pay. Sampling is Sampler's, one generator per request, so a request's
 text depends on its prompt, settings and seed only, not on the batch it shares.
 
+With a draft model (`Engine(..., draft=)`), each request goes through speculative decoding
+(llmpipe.serve.speculative, batch of one), with the same stop strings, streaming and finish reasons.
+
 Context: prompt + max_new_tokens must fit the model's max_seq_len (rotary positions beyond it were
 never trained). A request that does not fit is refused with a UserError naming both numbers rather
 than silently cut: a truncated prompt changes the answer, and the caller (chat keeps history) knows
@@ -132,8 +135,8 @@ class Engine:
                 room = self.max_seq_len - len(prompt)
                 fix = (f"lower --max-new-tokens to {room} or shorten the prompt" if room > 0
                        else "shorten the prompt")
-                raise UserError(f"prompt {k + 1} of {len(ids)}: {len(prompt)} prompt tokens + max_new_tokens {p.max_new_tokens} "
-                                f"exceed the model's max_seq_len {self.max_seq_len}; {fix}")
+                raise UserError(f"prompt {k + 1} of {len(ids)}: {len(prompt)} prompt tokens + max_new_tokens "
+                                f"{p.max_new_tokens} exceed the model's max_seq_len {self.max_seq_len}; {fix}")
 
     def _decode(self, ids: list[list[int]], params: list[SamplingParams], rows: list[_Row]) -> None:
         model, vocab = self.model, self.model.config.vocab_size
@@ -279,7 +282,8 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None, stdin=None) -
     found = list(prompts)
     if prompts_file is not None:
         try:
-            text = (stdin or sys.stdin).read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")
+            source = stdin or sys.stdin
+            text = source.read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"--prompts-file {prompts_file}: cannot read it as UTF-8 text ({exc})") from None
         found += [line for line in text.splitlines() if line.strip()]
