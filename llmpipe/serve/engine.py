@@ -35,6 +35,7 @@ from llmpipe.serve.text import IncrementalDetokenizer, StopMatcher
 
 FinishReason = Literal["stop", "length", "eos"]
 OnDelta = Callable[[int, str], None]
+DRAFT_TOKENS = 4  # draft tokens proposed per speculative round
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    draft_acceptance: float | None = None
+    """With a draft model: the share of its proposed tokens the target accepted."""
 
 
 class _Row:
@@ -60,6 +63,7 @@ class _Row:
         self.ids: list[int] = []
         self.text: list[str] = []
         self.finish: FinishReason | None = None
+        self.rounds: list[int] = []  # with a draft: tokens committed per speculative round
 
     def push(self, token: int) -> None:
         """Take the next token; sets `finish` once the request is done."""
@@ -86,7 +90,8 @@ class _Row:
 
     def completion(self, prompt_tokens: int) -> Completion:
         assert self.finish is not None
-        return Completion("".join(self.text), self.ids, self.finish, prompt_tokens, len(self.ids))
+        return Completion("".join(self.text), self.ids, self.finish, prompt_tokens, len(self.ids),
+                          _acceptance(self.rounds, self.params.max_new_tokens) if self.rounds else None)
 
 
 class Engine:
@@ -180,7 +185,7 @@ class Engine:
         for index, (prompt, p) in enumerate(zip(ids, params)):
             row = _Row(index, self.tokenizer, p, stop, ends, on_delta)
             try:
-                speculative_generate(self.model, self.draft, prompt, p, eos_id=self.tokenizer.eos_id,
+                speculative_generate(self.model, self.draft, prompt, p, k=DRAFT_TOKENS, eos_id=self.tokenizer.eos_id,
                                      on_tokens=lambda tokens, row=row: _feed(row, tokens))
             except _Finished:
                 pass  # a stop string or an end-of-turn id: no need for the rest of the budget
@@ -193,10 +198,23 @@ class _Finished(Exception):
 
 
 def _feed(row: _Row, tokens: list[int]) -> None:
+    row.rounds.append(len(tokens))
     for token in tokens:
         row.push(token)
         if row.finish is not None:
             raise _Finished
+
+
+def _acceptance(rounds: list[int], budget: int) -> float:
+    """Accepted / proposed draft tokens from the tokens each round committed: a round commits its
+    accepted drafts plus one target token, and proposes DRAFT_TOKENS, fewer near the budget (the
+    speculative decoder's rule). An eos cutting the last round short makes this a lower bound."""
+    accepted = proposed = committed = 0
+    for n in rounds:
+        accepted += n - 1
+        proposed += min(DRAFT_TOKENS, budget - committed - 1)
+        committed += n
+    return accepted / proposed if proposed else 0.0
 
 
 def _per_row(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
@@ -311,8 +329,9 @@ def print_completions(engine: Engine, prompts: list[str], params: SamplingParams
             write(f"--- {k + 1}/{len(prompts)}: {prompt}\n{completion.text}\n")
         else:
             write("\n")
+        drafted = "" if completion.draft_acceptance is None else f" draft_acceptance={completion.draft_acceptance:.2f}"
         err.write(f"[{k + 1}] finish={completion.finish_reason} prompt_tokens={completion.prompt_tokens} "
-                  f"completion_tokens={completion.completion_tokens}\n")
+                  f"completion_tokens={completion.completion_tokens}{drafted}\n")
     err.write(f"{tokens_per_second(done, seconds):.1f} tokens/s\n")
     return done
 

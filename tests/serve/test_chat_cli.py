@@ -81,6 +81,7 @@ def test_generate_with_a_draft_model_gives_the_same_greedy_text(served_project):
     plain, drafted = llmpipe(served_project, *args), llmpipe(served_project, *args, "--draft", "pretrain")
     assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
     assert drafted.stdout == plain.stdout and plain.stdout.strip()
+    assert "draft_acceptance=1.00" in drafted.stderr and "draft_acceptance" not in plain.stderr
 
 
 def test_generate_refuses_what_a_user_can_fix_with_an_error_line(served_project, tmp_path):

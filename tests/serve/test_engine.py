@@ -159,6 +159,8 @@ def test_a_draft_model_gives_the_greedy_text_or_says_speculative_decoding_is_not
         [done] = Engine(model, no_eos(tokenizer), draft=model).generate([PROMPTS[0]], GREEDY)
         assert done.token_ids == greedy_recompute(model, tokenizer.encode(PROMPTS[0]), 12)
         assert done.finish_reason == "length"
+        assert done.draft_acceptance == 1.0  # the draft is the target itself: every proposal is accepted
+        assert Engine(model, no_eos(tokenizer)).generate([PROMPTS[0]], GREEDY)[0].draft_acceptance is None
 
 
 def test_the_engine_imports_on_a_bare_gpu_node():
