@@ -149,18 +149,12 @@ def test_a_prompt_that_does_not_fit_the_context_is_refused_naming_both_numbers(e
     assert engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=14))[0].completion_tokens <= 14
 
 
-def test_a_draft_model_gives_the_greedy_text_or_says_speculative_decoding_is_not_available(model, tokenizer):
-    try:
-        import llmpipe.serve.speculative  # noqa: F401
-    except ModuleNotFoundError:
-        with pytest.raises(UserError, match="speculative decoding .* not available yet"):
-            Engine(model, tokenizer, draft=model).generate(["a"], GREEDY)
-    else:
-        [done] = Engine(model, no_eos(tokenizer), draft=model).generate([PROMPTS[0]], GREEDY)
-        assert done.token_ids == greedy_recompute(model, tokenizer.encode(PROMPTS[0]), 12)
-        assert done.finish_reason == "length"
-        assert done.draft_acceptance == 1.0  # the draft is the target itself: every proposal is accepted
-        assert Engine(model, no_eos(tokenizer)).generate([PROMPTS[0]], GREEDY)[0].draft_acceptance is None
+def test_a_draft_model_gives_the_greedy_text_and_reports_its_acceptance(model, tokenizer):
+    [done] = Engine(model, no_eos(tokenizer), draft=model).generate([PROMPTS[0]], GREEDY)
+    assert done.token_ids == greedy_recompute(model, tokenizer.encode(PROMPTS[0]), 12)
+    assert done.finish_reason == "length"
+    assert done.draft_acceptance == 1.0  # the draft is the target itself: every proposal is accepted
+    assert Engine(model, no_eos(tokenizer)).generate([PROMPTS[0]], GREEDY)[0].draft_acceptance is None
 
 
 def test_the_engine_imports_on_a_bare_gpu_node():
