@@ -47,7 +47,8 @@ def launch_torchrun(module: str, config_file: Path, nproc: int, *, cwd: Path,
     MetricsForwarder). The worker's result file sits next to `config_file`. A SIGTERM or Ctrl-C of
     the stage is passed on to the ranks, which save a checkpoint before they stop."""
     result_file = config_file.parent / "result.json"
-    result_file.unlink(missing_ok=True)  # a previous run's
+    for old in [result_file, *_error_files(result_file)]:  # a previous run's
+        old.unlink(missing_ok=True)
     cmd = torchrun_command(module, config_file, nproc, result_file)
     log.info("launching %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=cwd)
@@ -70,26 +71,34 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def _error_files(result_file: Path) -> list[Path]:
+    return sorted(result_file.parent.glob(result_file.name + ".rank*.error"))
+
+
 def _outcome(result_file: Path, returncode: int) -> dict[str, float]:
+    errors = _error_files(result_file)
+    if errors:  # a refused resume, a bad setting: the ranks agreed on it (any rank's copy will do)
+        raise UserError(json.loads(errors[0].read_text())["error"])
     outcome = json.loads(result_file.read_text()) if result_file.exists() else {}
-    if "error" in outcome:  # a refused resume, a bad setting: the ranks agreed on it
-        raise UserError(outcome["error"])
     if returncode != 0:
         raise RuntimeError(f"torchrun exited with status {returncode}; the ranks' errors are above")
     return outcome
 
 
 def report_result(result_file: str | Path | None, work: Callable[[], dict[str, float]]) -> dict[str, float]:
-    """Run a worker's `work` and, on rank 0, write its metrics (or its UserError) to `result_file`.
+    """Run a worker's `work`; rank 0 writes its metrics to `result_file`, and every rank that raises a
+    UserError writes it next to it (`result.json.rank<R>.error`).
 
     The other half of `launch_torchrun`, called in the worker: the error is also re-raised, so the
-    ranks exit non-zero and torchrun stops."""
-    write = result_file is not None and int(os.environ.get("RANK", 0)) == 0
+    ranks exit non-zero and torchrun stops. Every rank writes its own copy because the first rank
+    to exit makes torchrun kill the others, rank 0 included, before it may have written anything."""
+    rank = int(os.environ.get("RANK", 0))
+    write = result_file is not None and rank == 0
     try:
         metrics = work()
     except UserError as exc:  # for the stage to report as its own error, not as a failed torchrun
-        if write:
-            _write_result(Path(result_file), {"error": str(exc)})
+        if result_file is not None:
+            _write_result(Path(f"{result_file}.rank{rank}.error"), {"error": str(exc)})
         raise
     if write:
         _write_result(Path(result_file), metrics)
@@ -97,7 +106,9 @@ def report_result(result_file: str | Path | None, work: Callable[[], dict[str, f
 
 
 def _write_result(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    tmp = path.with_name(f".tmp-{path.name}")  # renamed into place: a killed rank leaves no half file
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 class MetricsForwarder:

@@ -16,7 +16,9 @@ from llmpipe.train.launch import report_result
 
 def work(cfg: dict) -> dict:
     rank, out, mode = int(os.environ["RANK"]), Path(cfg["out"]), cfg["mode"]
-    if mode == "user_error":  # every rank agrees on it, as the trainer's broadcast resume check does
+    if mode in ("user_error", "user_error_rank0_late"):  # the ranks agree on it (the broadcast resume check)
+        if mode == "user_error_rank0_late" and rank == 0:
+            time.sleep(5)  # rank 1 exits first and torchrun kills rank 0 before it can say anything
         raise UserError("pretrain.lr: checkpoints 0.002 != params.yaml 0.001")
     if mode == "crash" and rank == 1:
         raise RuntimeError("rank 1 ran out of memory")

@@ -69,8 +69,9 @@ def test_rank0s_metrics_come_back_and_its_log_is_forwarded_while_the_ranks_run(t
 
 @pytest.mark.slow
 def test_the_ranks_user_error_is_the_stages_user_error_and_a_crashed_rank_a_failed_launch(tmp_path, worker_env):
-    with pytest.raises(UserError, match=r"pretrain.lr: checkpoints 0.002 != params.yaml 0.001"):
-        launch(tmp_path, "user_error")
+    for mode in ("user_error", "user_error_rank0_late"):  # whichever rank gets there first reports it
+        with pytest.raises(UserError, match=r"pretrain.lr: checkpoints 0.002 != params.yaml 0.001"):
+            launch(tmp_path, mode)
     with pytest.raises(RuntimeError, match="torchrun exited with status 1"):  # though rank 0 wrote its result
         launch(tmp_path, "crash")
 
