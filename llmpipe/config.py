@@ -7,8 +7,6 @@ and reads only its own section. Errors name the file, the key path and what is a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from llmpipe.errors import UserError
+from llmpipe.io import fingerprint
 
 
 class StageConfig(BaseModel):
@@ -65,8 +64,7 @@ def load_stage_config(cls: type[C], section: str, params_path: Path) -> C:
 
 
 def params_hash(section: BaseModel | dict) -> str:
-    data = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(section.model_dump(mode="json") if isinstance(section, BaseModel) else section)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -148,6 +148,12 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def fingerprint(data: Any) -> str:
+    """A short, stable hash of JSON-able data (key order does not matter): what resume markers and
+    params hashes compare."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def hash_tree(path: Path | str) -> str:
     """sha256 over the relative names and contents of every file below `path` (or of the file itself)."""
     path = Path(path)

@@ -19,7 +19,6 @@ Phase 3, per shard in parallel (resumable): copy kept records, quarantine droppe
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -39,7 +38,7 @@ from llmpipe.data.duplicates import (SKETCH_FIELDS, Duplicates, clusters_table, 
 from llmpipe.data.report import publish_report
 from llmpipe.data.shards import ShardRun, ShardTask, describe_throughput, run_shards, shard_paths, throughput_metrics
 from llmpipe.errors import UserError
-from llmpipe.io import atomic_path, iter_parquet_batches, sha256_file, write_parquet_atomic
+from llmpipe.io import atomic_path, fingerprint, iter_parquet_batches, sha256_file, write_parquet_atomic
 
 if TYPE_CHECKING:
     from llmpipe.stages import StageContext
@@ -202,10 +201,6 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict[str, float]:
     return metrics
 
 
-def _fingerprint(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _sketch_path(out_dir: Path, index: int) -> Path:
     return out_dir / SKETCHES / f"part-{index:05d}.npz"
 
@@ -215,7 +210,7 @@ def _sketch_all(cfg: DedupConfig, ctx: StageContext, inputs: list[Path], input_h
     """Phase 1. A sketch is not a record shard: one file per task, no quarantine."""
     out_dir = ctx.output("dedup")
     params = {"code": code, "num_perm": cfg.num_perm, "shingle_size": cfg.shingle_size, "seed": cfg.seed}
-    tasks = [ShardTask(i, (path,), _sketch_path(out_dir, i), None, _fingerprint({**params, "input": digest, "shard": i}))
+    tasks = [ShardTask(i, (path,), _sketch_path(out_dir, i), None, fingerprint({**params, "input": digest, "shard": i}))
              for i, (path, digest) in enumerate(zip(inputs, input_hashes))]
     sketch = functools.partial(_sketch_shard, hasher=cfg.hasher(), batch_chars=cfg.batch_chars)
     return run_shards(tasks, sketch, out_dir=out_dir / SKETCHES, suffix=".npz", workers=ctx.workers,
@@ -227,13 +222,13 @@ def _write_all(cfg: DedupConfig, ctx: StageContext, inputs: list[Path], input_ha
     """Phase 3: every output shard depends on every input (a duplicate may sit in any shard)."""
     out_dir = ctx.output("dedup")
     drops = _drops_by_shard(sk, dup, len(inputs))
-    fingerprint = {"params": params_hash(cfg), "inputs": input_hashes, "code": code}
+    shared = {"params": params_hash(cfg), "inputs": input_hashes, "code": code}
     offsets = np.cumsum([0, *sizes])
     tasks = []
     for i, path in enumerate(inputs):
         ids = sk["ids"][offsets[i]:offsets[i + 1]]  # to check that the input did not change since phase 1
         tasks.append(ShardTask(i, (path, ids, drops[i]), *shard_paths(out_dir, i),
-                               _fingerprint({**fingerprint, "shard": i})))
+                               fingerprint({**shared, "shard": i})))
     return run_shards(tasks, _write_shard, out_dir=out_dir, workers=ctx.workers, stage="dedup: write")
 
 

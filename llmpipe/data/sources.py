@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import hashlib
-import json
 import os
 import stat
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ from llmpipe.config import StageConfig
 from llmpipe.data.readers import READ_ERRORS, detect_format, list_archive, replace_undecodable
 from llmpipe.data.shards import ShardTask, shard_paths
 from llmpipe.errors import UserError
+from llmpipe.io import fingerprint
 from llmpipe.stages import STAGES
 
 PARAMS = "params.yaml: ingest"
@@ -143,8 +142,8 @@ def plan_tasks(sources: list[Source], root: Path, out_dir: Path, *, shard_mb: fl
     groups = [group for i, src in enumerate(sources) for group in _plan_source(i, src, root, target)]
     tasks = []
     for index, group in enumerate(groups):
-        fingerprint = _fingerprint(sources[group[0].source], reading, group, root, code)
-        tasks.append(ShardTask(index, tuple(group), *shard_paths(out_dir, index), fingerprint))
+        shard_fingerprint = _fingerprint(sources[group[0].source], reading, group, root, code)
+        tasks.append(ShardTask(index, tuple(group), *shard_paths(out_dir, index), shard_fingerprint))
     return tasks
 
 
@@ -316,4 +315,4 @@ def _fingerprint(source: _Source, reading: dict[str, Any], items: list, root: Pa
     stats = [(f, *_stat(root / f)) for f in files]
     blob = {"code": code, "source": source.model_dump(mode="json"), "reading": reading,
             "items": [asdict(it) for it in items], "files": stats}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(blob)
