@@ -1,0 +1,1 @@
+"""Fine-tuning: chat data, SFT and DPO."""
