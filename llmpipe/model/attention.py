@@ -14,6 +14,9 @@ kv head h // (H / Hkv), the Llama / repeat_interleave grouping) and return (B, H
 explicit (B, 1, Tq, Tk) mask (causal and padding in one; see cache.py). sdpa and math run it;
 flash_attn's varlen/kv-cache API has no per-key mask for left padding, so a cached forward asked for
 flash_attn (or auto on CUDA) runs sdpa and logs why (`resolve_masked_backend`).
+
+`segment_mask` turns packed training rows (several conversations concatenated in one row) into
+such a mask: causal and within one conversation, so packing changes no conversation's logits.
 """
 
 from __future__ import annotations
@@ -133,6 +136,24 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
     raise UserError(f"attention backend {backend!r} cannot run a masked (cached) forward; use sdpa or math")
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """segments (B, T) long, 0 at padding and 1..n for the conversation each token belongs to ->
+    (B, 1, T, T) bool, True where query t may attend to key s: s <= t and the same segment.
+
+    Padding attends to earlier padding only (never to a conversation), so no query row is fully
+    masked (the diagonal is always allowed) and softmax never sees a row of -inf (which gives nan)."""
+    T = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]  # (B, Tq, Tk)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (Tq, Tk)
+    return (same & causal)[:, None]  # (B, 1, T, T)
+
+
+def masked_backend_name(name: str) -> str:
+    """The masked backend for a configured `name`, as a pure function (torch.compile traces through):
+    math stays math, everything else runs sdpa (the reason is in resolve_masked_backend)."""
+    return "math" if name == "math" else "sdpa"
 
 
 @torch.compiler.assume_constant_result

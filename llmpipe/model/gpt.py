@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmpipe.errors import UserError
-from llmpipe.model.attention import causal_attention, masked_attention, resolve_backend, resolve_masked_backend
+from llmpipe.model.attention import (causal_attention, masked_attention, masked_backend_name, resolve_backend,
+                                     resolve_masked_backend, segment_mask)
 from llmpipe.model.cache import KVCache
 from llmpipe.model.config import ModelConfig
 
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: "_Cached | None" = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, packed: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -84,7 +85,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
-        if cached is None:
+        if packed is not None:  # (B, 1, T, T) causal within each packed conversation
+            y = masked_attention(q, k, v, packed, masked_backend_name(self.backend))  # (B, H, T, D)
+        elif cached is None:
             y = causal_attention(q, k, v, self.backend)  # (B, H, T, D)
         else:  # the new tokens against everything cached so far, themselves included
             k, v = cached.cache.write(layer, cached.start, k, v)  # (B, Hkv, S, D)
@@ -113,8 +116,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: "_Cached | None" = None,
-                layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cached, layer)
+                layer: int = 0, packed: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cached, layer, packed)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -171,8 +174,8 @@ class GPT(nn.Module):
         return KVCache(cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim, dtype or weight.dtype, weight.device)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
         loss is the mean cross-entropy over targets != -100 (the ignore index that fine-tuning uses to
@@ -184,18 +187,35 @@ class GPT(nn.Module):
         batch of prompts), implies a fresh cache when none is given. `logits_to_keep` n > 0 computes
         the logits of the last n positions only (decoding needs the last one, not the whole prompt's);
         targets, if given, must then cover those n positions.
+
+        Packed training rows: `segments` (B, T) long, 0 at padding and 1..n for the conversation each
+        token belongs to; attention is then causal AND within one segment, so each conversation's
+        logits are those it would get alone. Positions do not restart at a segment's start: rotary
+        scores depend only on the distance between query and key, which is the same wherever a
+        conversation sits in the row (and max_seq_len bounds the row, so the tables cover it).
         """
+        if segments is not None and (cache is not None or attention_mask is not None):
+            raise UserError("GPT.forward: `segments` (packed training rows) cannot be combined with a KV cache "
+                            "or attention_mask; pass one or the other")
         if cache is not None or attention_mask is not None:
             return self._forward_cached(idx, targets, cache, attention_mask, logits_to_keep)
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise UserError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        if not torch.compiler.is_compiling():  # validate the backend and log the choice once, eagerly
+        packed = None
+        if segments is not None:
+            if segments.shape != idx.shape:
+                raise UserError(f"GPT.forward: segments {tuple(segments.shape)} must have the shape of idx "
+                                f"{tuple(idx.shape)}")
+            if not torch.compiler.is_compiling():
+                resolve_masked_backend(self.config.attn_backend, idx.device)
+            packed = segment_mask(segments)  # (B, 1, T, T), shared by every layer
+        elif not torch.compiler.is_compiling():  # validate the backend and log the choice once, eagerly
             resolve_backend(self.config.attn_backend, idx.device)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D/2)
         x = self.tok_embeddings(idx)  # (B, T, C)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, packed=packed)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self._head(x, targets)
@@ -238,10 +258,16 @@ class GPT(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay the 2-D matmul weights (incl. an untied lm_head); no decay for norm
-        gains and the token embedding (which, when tied, is also the lm_head: it is not decayed)."""
+        gains and the token embedding (which, when tied, is also the lm_head: it is not decayed).
+
+        Frozen parameters (requires_grad False: the base weights under LoRA) are left out: the optimizer
+        is for what trains. In it they would enter the checkpointed optimizer state, and any grad they
+        were handed (a zeroed one included) would let decoupled weight decay shrink weights meant to stay."""
         embedding = self.tok_embeddings.weight
         decay, no_decay = [], []
         for p in self.parameters():  # shared tensors appear once
+            if not p.requires_grad:
+                continue
             (decay if p.ndim == 2 and p is not embedding else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

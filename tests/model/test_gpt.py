@@ -144,3 +144,74 @@ def test_generate():
 def test_too_long_input_is_refused():
     with pytest.raises(UserError, match="max_seq_len 32"):
         GPT(small())(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_param_groups_leave_out_frozen_parameters():
+    model = GPT(small(qk_norm=True))
+    for name, p in model.named_parameters():  # LoRA-style: freeze the base, train only the attention output
+        p.requires_grad_(name.endswith("attn.wo.weight") or name == "norm.weight")
+    groups = model.param_groups(weight_decay=0.1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 3  # two wo + the final norm
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in trainable)
+    frozen = model.tok_embeddings.weight.detach().clone()
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    model(torch.randint(0, V, (2, 9)), torch.randint(0, V, (2, 9)))[1].backward()
+    opt.step()
+    assert sum(len(s) for s in opt.state_dict()["state"].values()) > 0
+    assert len(opt.state_dict()["state"]) == 3  # optimizer state (and so the checkpoint) holds only what trains
+    assert torch.equal(model.tok_embeddings.weight, frozen)
+
+
+
+def _pack(lengths: list[int], T: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Random conversations of `lengths` laid end to end in one row of T: (convs, idx (1, T), segments (1, T))."""
+    convs = [torch.randint(0, V, (n,)) for n in lengths]
+    idx = torch.zeros(1, T, dtype=torch.long)
+    segments = torch.zeros(1, T, dtype=torch.long)  # 0: padding after the last conversation
+    at = 0
+    for i, conv in enumerate(convs, start=1):
+        idx[0, at:at + len(conv)], segments[0, at:at + len(conv)] = conv, i
+        at += len(conv)
+    return convs, idx, segments
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_packed_row_gives_each_conversation_its_own_logits(backend):
+    torch.manual_seed(0)
+    model = GPT(small(attn_backend=backend)).eval()
+    convs, idx, segments = _pack([7, 9, 5], T=26)
+    with torch.no_grad():
+        packed = model(idx, segments=segments)[0][0]  # (T, V)
+        unmasked = model(idx)[0][0]  # plain causal: later conversations read the earlier ones
+        for i, conv in enumerate(convs, start=1):
+            alone = model(conv[None])[0][0]  # (n, V)
+            torch.testing.assert_close(packed[segments[0] == i], alone, atol=1e-5, rtol=1e-5)
+            if i > 1:
+                assert not torch.allclose(unmasked[segments[0] == i], alone, atol=1e-3)
+    assert torch.isfinite(packed[segments[0] == 0]).all()  # padding attends to padding: no all-masked row
+
+
+def test_packed_loss_and_gradients_match_each_conversation_alone():
+    torch.manual_seed(0)
+    model = GPT(small())
+    convs, idx, segments = _pack([6, 8], T=16)
+    targets = torch.full_like(idx, -100)
+    targets[0, :5], targets[0, 6:13] = convs[0][1:], convs[1][1:]  # next token within each conversation
+    _, loss = model(idx, targets, segments=segments)
+    loss.backward()
+    packed_grad = model.layers[0].attn.wq.weight.grad.clone()
+    model.zero_grad()
+    total = sum(model(c[None, :-1], c[None, 1:])[1] * (len(c) - 1) for c in convs) / 12  # same token mean
+    total.backward()
+    torch.testing.assert_close(loss, total, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_grad, model.layers[0].attn.wq.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_segments_with_a_cache_are_refused():
+    model = GPT(small())
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(UserError, match="segments"):
+        model(idx, segments=torch.ones_like(idx), attention_mask=torch.ones_like(idx, dtype=torch.bool))
+    with pytest.raises(UserError, match="shape of idx"):
+        model(idx, segments=torch.ones(1, 3, dtype=torch.long))
