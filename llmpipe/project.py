@@ -49,6 +49,8 @@ def render_dvc_yaml(root: Path, params: dict[str, Any]) -> str:
     for spec in STAGES.values():
         if spec.name == "demo" and demo_out not in sources:
             continue  # a project on its own data has no demo stage
+        if spec.optional and not (params.get(spec.name) or {}).get("enabled"):
+            continue
         inputs = sources if spec.name == "ingest" else list(spec.inputs.values())
         stages[spec.name] = _stage_entry(spec, inputs, _code_paths(root, spec))
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, default_flow_style=False, width=110)

@@ -45,6 +45,7 @@ class StageSpec:
     code: tuple[str, ...] = ()
     persist: bool = True
     plots: dict[str, dict[str, str]] = field(default_factory=dict)  # path -> DVC plot properties
+    optional: bool = False  # in dvc.yaml only when its params section says `enabled: true`
 
     def load(self) -> tuple[type[StageConfig], Callable[..., dict[str, float]]]:
         return _resolve(self.config), _resolve(self.run)
@@ -89,6 +90,13 @@ STAGES: dict[str, StageSpec] = {
                   outputs={"model": "models/pretrain"},  # checkpoints/ (resumable), final/, logs
                   code=("llmpipe/model", "llmpipe/train"),
                   plots={"plots/pretrain_loss.csv": {"x": "step", "y": "train_loss", "title": "pretrain loss"}}),
+        # same tokens, a smaller model: the draft of speculative decoding (llmpipe/serve/speculative.py)
+        StageSpec("pretrain_draft", "llmpipe.train.pretrain:DraftConfig", "llmpipe.train.pretrain:run",
+                  "pretrain a small draft model for speculative decoding (optional)",
+                  inputs={"tokens": "data/tokens", "tokenizer": "models/tokenizer"},
+                  outputs={"model": "models/pretrain_draft"}, code=("llmpipe/model", "llmpipe/train"),
+                  plots={"plots/pretrain_draft_loss.csv": {"x": "step", "y": "train_loss", "title": "draft loss"}},
+                  optional=True),
     ]
 }
 

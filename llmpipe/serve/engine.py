@@ -257,13 +257,14 @@ def default_device() -> str:
 
 
 def newest_model(root) -> str:
-    """The newest trained model of the project at `root`: of the stages with a "model" output, the one
-    whose final checkpoint was written last (today only pretrain)."""
+    """The newest trained model of the project at `root`: of the pipeline's stages with a "model"
+    output, the one whose final checkpoint was written last. Optional side models (the draft) are
+    never the default."""
     from llmpipe.stages import STAGES
     from llmpipe.train.checkpoint import MARKER
 
     finals = [(root / spec.outputs["model"] / "final" / MARKER, name) for name, spec in STAGES.items()
-              if "model" in spec.outputs]
+              if "model" in spec.outputs and not spec.optional]
     done = [(marker.stat().st_mtime, name) for marker, name in finals if marker.exists()]
     if not done:
         raise UserError(f"{root}: no trained model yet (no final checkpoint of {', '.join(n for _, n in finals)}); "

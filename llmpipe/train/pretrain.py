@@ -1,4 +1,5 @@
-"""The `pretrain` stage: data/tokens + models/tokenizer -> models/pretrain.
+"""The `pretrain` stage: data/tokens + models/tokenizer -> models/pretrain (and the optional
+`pretrain_draft` stage, the same code with a smaller model -> models/pretrain_draft).
 
 The one module of llmpipe.train that imports more than torch, numpy and the standard library at
 module level (pydantic, with llmpipe's config and stage registry); what runs on each rank is in
@@ -108,6 +109,18 @@ class PretrainConfig(StageConfig):
         return math.ceil(self.train_tokens / self.global_batch_tokens) if self.train_tokens else self.max_steps
 
 
+class DraftConfig(PretrainConfig):
+    """The `pretrain_draft` section: the same training on the same tokens, a smaller model by default.
+
+    A draft pays when one forward of it costs a small fraction of the target's and it predicts the
+    target's next token often (docs/benchmarks.md has the measured ratios). The defaults are the size
+    that measured best as the draft of the `tiny` CPU model; with a GPU target use the `draft` preset."""
+
+    enabled: bool = Field(False, description="true adds the stage to dvc.yaml (then: llmpipe init --update .)")
+    n_layer: int | None = Field(1, ge=1, description="override the preset's depth")
+    d_model: int | None = Field(128, ge=64, description="override the preset's width (heads follow at 64 wide)")
+
+
 def resolve_config(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     """params.yaml's section -> the plain JSON the worker reads (no pydantic there)."""
     tokens, tokenizer = ctx.input("tokens"), ctx.input("tokenizer")
@@ -166,15 +179,16 @@ def check_continuation(ctx: StageContext, resolved: dict[str, Any]) -> None:
     if not previous.exists() or ckpt.latest_checkpoint(out / "checkpoints") is None:
         return
     old = read_json(previous)
-    diffs = _settings_diffs(old["train"], resolved["train"]) + _code_diffs(ctx, old.get("code"), resolved["code"])
+    diffs = (_settings_diffs(ctx.name, old["train"], resolved["train"])
+             + _code_diffs(ctx, old.get("code"), resolved["code"]))
     if diffs:
         raise UserError(f"{out / 'checkpoints'} holds a run trained with other settings or code:\n  "
                         + "\n  ".join(diffs) + f"\nRestore them to continue it, or delete {out} to train "
                         f"from scratch.")
 
 
-def _settings_diffs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    return [f"pretrain.{k}: checkpoints {old.get(k)!r} != params.yaml {new.get(k)!r}"
+def _settings_diffs(section: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{section}.{k}: checkpoints {old.get(k)!r} != params.yaml {new.get(k)!r}"
             for k in sorted(set(old) | set(new)) if k not in CONTINUABLE and old.get(k) != new.get(k)]
 
 
@@ -183,7 +197,7 @@ def _code_diffs(ctx: StageContext, old: str | None, new: str) -> list[str]:
         return []
     deps = ", ".join(code_deps(ctx.root, ctx.name))
     then = "not recorded (saved by an older llmpipe)" if old is None else repr(old)
-    return [f"code ({deps}, the pretrain code deps in dvc.yaml): checkpoints {then} != now {new!r}"]
+    return [f"code ({deps}, the {ctx.name} code deps in dvc.yaml): checkpoints {then} != now {new!r}"]
 
 
 def write_resolved_config(cfg: PretrainConfig, ctx: StageContext) -> tuple[Path, dict[str, Any]]:
@@ -196,6 +210,9 @@ def write_resolved_config(cfg: PretrainConfig, ctx: StageContext) -> tuple[Path,
 
 
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict[str, float]:
+    if isinstance(cfg, DraftConfig) and not cfg.enabled:
+        raise UserError(f"{ctx.name} is off: set {ctx.name}.enabled: true in params.yaml, then "
+                        f"`llmpipe init --update .` adds it to dvc.yaml")
     config_file, resolved = write_resolved_config(cfg, ctx)
     log_resolved(ctx, cfg, resolved)
     with system_metrics(ctx.tracker):

@@ -198,3 +198,44 @@ def test_shipped_gpu_configs_validate_and_their_batch_divides(path):
     cfg = load_section(PretrainConfig, yaml.safe_load(path.read_text()), "pretrain", path)
     TrainConfig(seq_len=cfg.seq_len, micro_batch=cfg.micro_batch,
                 global_batch_tokens=cfg.global_batch_tokens).accum_steps(cfg.nproc_per_node)
+
+
+def test_the_draft_stage_is_in_dvc_yaml_only_when_enabled(tmp_path):
+    from llmpipe.config import read_params
+    from llmpipe.project import render_dvc_yaml
+
+    params = read_params(ROOT / "params.yaml")
+    assert "pretrain_draft" not in yaml.safe_load(render_dvc_yaml(ROOT, params))["stages"]
+    params["pretrain_draft"]["enabled"] = True
+    stage = yaml.safe_load(render_dvc_yaml(ROOT, params))["stages"]["pretrain_draft"]
+    assert stage["outs"] == [{"models/pretrain_draft": {"persist": True}}]
+    assert stage["deps"][:2] == ["data/tokens", "models/tokenizer"] and stage["params"] == ["pretrain_draft"]
+
+
+def test_the_draft_stage_refuses_to_run_while_off(tmp_path):
+    root = project(tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump({**params, "pretrain_draft": {"enabled": False}}))
+    with pytest.raises(UserError, match=r"pretrain_draft is off: set pretrain_draft.enabled: true"):
+        run_stage("pretrain_draft", root)
+    assert not (root / "models/pretrain_draft").exists()
+
+
+@pytest.mark.slow
+def test_the_draft_stage_trains_a_smaller_model_on_the_same_tokens_and_serves_as_a_draft(tmp_path, monkeypatch):
+    from llmpipe.serve.engine import newest_model
+
+    root = project(tmp_path, max_steps=3, eval_every=3)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    draft = {**params["pretrain"], "enabled": True, "n_layer": 1, "d_model": 64}
+    (root / "params.yaml").write_text(yaml.safe_dump({**params, "pretrain_draft": draft}))
+    monkeypatch.setenv("LLMPIPE_PROJECT", str(root))
+    run_stage("pretrain", root)
+    metrics = run_stage("pretrain_draft", root)  # written after pretrain's: still not the default model
+    assert json.loads((root / "metrics/pretrain_draft.json").read_text()) == metrics
+    assert (root / "plots/pretrain_draft_loss.csv").exists()
+    _, target_cfg, _ = ckpt.load_checkpoint(root / "models/pretrain")
+    model, cfg, meta = ckpt.load_checkpoint(root / "models/pretrain_draft")
+    assert (cfg.n_layer, cfg.d_model) == (1, 64) and (target_cfg.n_layer, target_cfg.d_model) == (2, 128)
+    assert cfg.vocab_size == target_cfg.vocab_size and meta["tokenizer"]["hash"] == "synthetic-tok"
+    assert newest_model(root) == "pretrain"
