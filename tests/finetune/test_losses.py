@@ -86,6 +86,22 @@ def test_lm_loss_is_the_mean_token_nll_over_supervised_targets():
     assert metrics == {}
 
 
+def test_lm_loss_on_a_packed_row_keeps_each_conversation_to_itself():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    first, second = torch.randint(0, CFG.vocab_size, (1, 5)), torch.randint(0, CFG.vocab_size, (1, 7))
+    alone = {"idx": second[:, :-1], "targets": second[:, 1:]}
+    ignored = torch.full((1, 5), -100)  # only the second conversation is supervised
+    packed = {"idx": torch.cat((first, second[:, :-1]), dim=1), "targets": torch.cat((ignored, second[:, 1:]), dim=1),
+              "segments": torch.tensor([[1] * 5 + [2] * 6])}
+    with torch.no_grad():
+        expected, _ = lm_loss(model, alone)
+        got, _ = lm_loss(model, packed)
+        leaky, _ = lm_loss(model, {k: v for k, v in packed.items() if k != "segments"})
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (leaky - expected).abs() > 1e-4  # without the segments the first conversation would leak in
+
+
 # ---- DPO with a model -----------------------------------------------------------------------------
 
 def dpo_batch(pairs: int = 3, T: int = 12, prompt: int = 4, seed: int = 0) -> dict:
