@@ -1,1 +1,1 @@
-"""Fine-tuning: chat data, SFT and DPO."""
+"""Fine-tuning: chat data (conversations, preference pairs), SFT and DPO."""
