@@ -184,6 +184,21 @@ def test_the_reference_is_found_inside_a_ddp_style_wrapper():
         DpoLoss(0.1, "disable_adapter")(GPT(CFG), b)
 
 
+def test_the_first_half_of_the_rows_are_the_chosen_responses():
+    _, policy = sft_adapter()
+    b = dpo_batch(pairs=3)
+    with torch.no_grad():
+        policy_logp = sequence_logprobs(policy(b["idx"])[0], b["targets"])  # (6,)
+    # a reference 1 nat below the policy on rows 0..2 and 1 nat above on rows 3..5: chosen reward +beta,
+    # rejected reward -beta, margin 2 * beta on every pair
+    shift = torch.tensor([-1.0] * 3 + [1.0] * 3)
+    loss, metrics = DpoLoss(0.1, "cached")(policy, dict(b, ref_logp=policy_logp + shift))
+    assert metrics["dpo/reward_margin"].item() == pytest.approx(0.2, abs=1e-5)
+    assert metrics["dpo/reward_accuracy"].item() == 1.0
+    assert metrics["dpo/chosen_logp"].item() == pytest.approx(policy_logp[:3].mean().item(), abs=1e-5)
+    assert loss.item() == pytest.approx(-log_sigmoid(0.2), abs=1e-5)
+
+
 def test_a_cached_reference_needs_ref_logp_in_the_batch():
     _, policy = sft_adapter()
     with pytest.raises(ValueError, match="ref_logp"):
