@@ -251,10 +251,10 @@ def load_checkpoint(path: Path | str, device: str | torch.device = "cpu") -> tup
 
 
 def check_compatible(path: Path, model_cfg: ModelConfig, tokenizer_hash: str, data: dict[str, Any] | None = None,
-                     start_over: Path | None = None) -> None:
+                     start_over: Path | None = None, action: str = "resume from") -> None:
     """UserError listing every difference that makes resuming `path` with this model, tokenizer and data wrong.
 
-    `data` is what the run records about its training data (`{"sha256": ..., "num_windows": ...}`);
+    `data` is what the run records about its training data (`{"sha256": ..., "num_examples": ...}`);
     `start_over` is the folder the message tells the user to delete (default: the checkpoints folder)."""
     saved = read_model_config(path).to_dict()
     wanted = model_cfg.to_dict()
@@ -266,9 +266,11 @@ def check_compatible(path: Path, model_cfg: ModelConfig, tokenizer_hash: str, da
         diffs.append(f"tokenizer hash: checkpoint {saved_hash!r} != data {tokenizer_hash!r}")
     diffs += _data_diffs(path, data or {})
     if diffs:
-        raise UserError(f"cannot resume from {path}: it was trained with a different setup:\n  " + "\n  ".join(diffs)
-                        + f"\nRestore the old settings and data to continue it, or delete {start_over or path.parent} "
-                        f"to start from scratch.")
+        fix = (f"Restore the old settings and data to continue it, or delete {start_over or path.parent} to start "
+               f"from scratch." if action == "resume from" else "Train on the data and tokenizer of that checkpoint, "
+               "or start from another one.")
+        raise UserError(f"cannot {action} {path}: it was trained with a different setup:\n  " + "\n  ".join(diffs)
+                        + "\n" + fix)
 
 
 def _data_diffs(path: Path, data: dict[str, Any]) -> list[str]:

@@ -1,11 +1,16 @@
-"""The training loop, shared by pretraining and (later) fine-tuning.
+"""The one training loop: pretraining, SFT and DPO (each stage brings a Task: batches and a loss).
 
 One optimizer step = `accum` micro-batches per rank, so that
-    micro_batch x seq_len x world_size x accum = global_batch_tokens.
+    micro_batch x seq_len x world_size x accum = global_batch_tokens
+(for chat data, where rows are padded or packed, that is the step's capacity in tokens).
 Per step: set the scheduled lr, forward/backward each micro-batch under autocast (gradients
-all-reduced only on the last), clip the gradient norm, refuse non-finite loss or norm, AdamW step.
-Every `eval_every` steps: val loss, bits per byte and a short sample; every `checkpoint_every`
-steps: an atomic checkpoint. SIGTERM finishes the current step, saves, then exits.
+all-reduced only on the last), clip the gradient norm, refuse non-finite loss or norm, AdamW step
+over the trainable parameters only. Every `eval_every` steps: the task's val loss (and bits per
+byte for text), a short sample per prompt; every `checkpoint_every` steps: an atomic checkpoint.
+SIGTERM finishes the current step, saves, then exits.
+
+A run starts from random weights or from a checkpoint's (`init_from`, a fresh optimizer), and an
+`Adapter` (LoRA) may wrap the model so that only its own parameters train.
 
 The batches are a function of (seed, step, micro index) and the lr a function of the step, so a
 resumed run is the same computation as an uninterrupted one (bit-identical on CPU).
@@ -24,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -34,30 +39,33 @@ from llmpipe.model import GPT, ModelConfig
 from llmpipe.model.flops import detect_peak_flops, mfu
 from llmpipe.train import checkpoint as ckpt
 from llmpipe.train import distributed as ddist
-from llmpipe.train.data import TokenWindows, TrainBatches, val_batches
 from llmpipe.train.schedule import Schedule
+
+if TYPE_CHECKING:
+    from llmpipe.train.task import Batch, Task
 
 log = logging.getLogger("llmpipe.train")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Training settings; every training stage's config takes its defaults from here (the CPU demo's)."""
     seq_len: int = 256
-    micro_batch: int = 8
-    global_batch_tokens: int = 8 * 256
-    max_steps: int = 100
-    lr: float = 3e-3
+    micro_batch: int = 4
+    global_batch_tokens: int = 4 * 256
+    max_steps: int = 800
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
+    warmup_steps: int = 30
     schedule: str = "cosine"
     decay_frac: float = 0.2  # wsd: share of steps spent decaying
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 4
-    checkpoint_every: int = 50
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
     keep_last: int = 2
     log_every: int = 1
     compile: bool = False
@@ -79,11 +87,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class Sampler:
-    """How to show a sample at each eval without importing the tokenizer here."""
-    prompt_ids: list[int]
+class EvalPrompts:
+    """How to show samples at each eval without importing the tokenizer here: one per prompt."""
+    prompts: list[list[int]]
     decode: Callable[[list[int]], str]
-    eos_id: int | None = None
+    eos_id: int | None = None  # ends a sample (chat: the end of the assistant's turn)
+
+
+class Adapter(Protocol):
+    """Wraps the model so that only its own parameters train (LoRA: llmpipe/finetune/lora.py)."""
+
+    def wrap(self, model: GPT) -> torch.nn.Module:
+        """Freeze `model` and return the module to train (it may modify `model` in place)."""
+        ...
+
+    def export(self, module: torch.nn.Module, out_dir: Path) -> GPT:
+        """The plain model to save as final/ (e.g. adapters merged in); may write extra files to out_dir."""
+        ...
 
 
 class NonFiniteError(UserError):
@@ -91,28 +111,33 @@ class NonFiniteError(UserError):
 
 
 class Trainer:
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, train: TokenWindows, val: TokenWindows,
-                 out_dir: Path, tokenizer_ref: dict[str, Any], bytes_per_token: float, tracker: Any = None,
-                 world: ddist.World = ddist.World(), sampler: Sampler | None = None,
-                 data_ref: dict[str, Any] | None = None):
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, task: Task, out_dir: Path,
+                 tokenizer_ref: dict[str, Any], tracker: Any = None, world: ddist.World = ddist.World(),
+                 sampler: EvalPrompts | None = None, data_ref: dict[str, Any] | None = None,
+                 init_from: Path | None = None, adapter: Adapter | None = None):
         """`data_ref` identifies the training data (e.g. {"dir", "sha256"} of the token shards); with the
-        window count it goes into every checkpoint, and resuming on other data is refused."""
+        example count (and the starting weights' hash) it goes into every checkpoint, and resuming on
+        other data is refused. `init_from`: a checkpoint whose weights the run starts from."""
         self.model_cfg, self.cfg, self.world, self.tracker, self.sampler = model_cfg, cfg, world, tracker, sampler
         self.out_dir, self.ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
-        self.tokenizer_ref, self.bytes_per_token = tokenizer_ref, bytes_per_token
-        self.data_ref = {**(data_ref or {}), "num_windows": train.num_windows}
+        self.tokenizer_ref, self.task, self.adapter = tokenizer_ref, task, adapter
+        self.data_ref = {**(data_ref or {}), "num_examples": task.train.num_examples}
         self.device = world.device
         self.accum = cfg.accum_steps(world.world_size)
-        self.batches = TrainBatches(train, cfg.micro_batch, cfg.seed, self.accum, world.rank)
-        self.val = val_batches(val, cfg.eval_batches, cfg.micro_batch, world.rank, world.world_size)
+        self.batches, self.val = task.train, task.val
         self.schedule = Schedule(cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_frac)
 
         torch.manual_seed(cfg.seed)  # same init on every rank
-        self.model = GPT(model_cfg).to(self.device)  # the plain module: state dicts, eval, sampling
-        self.aliases = ckpt.tied_aliases(self.model)
-        self.net = ddist.wrap(self.model, cfg.distributed, world, compile=cfg.compile)  # what trains
+        self.model = GPT(model_cfg).to(self.device)  # the plain model: eval, sampling, final weights
+        if init_from is not None:
+            self.data_ref["init"] = self._load_init(Path(init_from))
+        # the module that trains: the model, or the model wrapped by the adapter (LoRA); its state dict
+        # is what checkpoints hold, so a resume rebuilds the same wrapping first
+        self.module = adapter.wrap(self.model) if adapter is not None else self.model
+        self.aliases = ckpt.tied_aliases(self.module)
+        self.net = ddist.wrap(self.module, cfg.distributed, world, compile=cfg.compile)  # what runs forward/backward
         self.opt = torch.optim.AdamW(self.model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                     fused=self.device.type == "cuda")
+                                     fused=self.device.type == "cuda")  # the trainable parameters only
         bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.peak_flops = detect_peak_flops(self.device)
@@ -120,21 +145,33 @@ class Trainer:
         self.last: dict[str, float] = {}  # latest train/val metrics
         self._stop = False
 
+    def _load_init(self, path: Path) -> str:
+        """Load a checkpoint's weights as the starting point (every rank reads them); returns their sha256."""
+        path = ckpt.find_checkpoint(path)
+        meta = ckpt.verify_checkpoint(path)
+        ckpt.check_compatible(path, self.model_cfg, self.tokenizer_ref.get("hash"), action="start from")
+        self.model.load_state_dict(ckpt.load_weights(path, self.device))
+        return (meta.get("files") or {}).get(ckpt.WEIGHTS, {}).get("sha256", str(path))
+
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.device)
-        for m, (x, y) in enumerate(self.batches.micro_batches(self.step)):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)  # (B, T) each
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for m, batch in enumerate(self.batches.micro_batches(self.step)):
+            tokens += self.batches.tokens(batch)
+            batch = self._to_device(batch)
             with ddist.grad_sync(self.net, enabled=m == self.accum - 1):
                 with self.autocast():
-                    _, loss = self.net(x, y)
+                    loss, extra = self.task.loss(self.net, batch)
                 (loss / self.accum).backward()
-            loss_sum += loss.detach()
-        loss = ddist.all_reduce(loss_sum / self.accum).item()
-        grad_norm = ddist.clip_grad_norm(self.model.parameters(), self.cfg.grad_clip).item()
+            _accumulate(sums, {"loss": loss.detach(), **extra})
+        means = _reduced_means(sums, self.accum)
+        loss = means.pop("loss")
+        self.step_tokens = int(ddist.all_reduce(torch.tensor(float(tokens), device=self.device), "sum").item())
+        grad_norm = ddist.clip_grad_norm(self.trainable, self.cfg.grad_clip).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             latest = ckpt.latest_checkpoint(self.ckpt_dir)
             raise NonFiniteError(f"step {self.step + 1}: loss {loss}, grad norm {grad_norm}; the update was not applied. "
@@ -142,48 +179,60 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += self.cfg.global_batch_tokens
-        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+        self.tokens_seen += self.step_tokens
+        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                **{f"train/{k}": v for k, v in means.items()}}
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # -- eval and samples --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for x, y in self.val:
+        self.module.eval()
+        sums: dict[str, torch.Tensor] = {}
+        for batch in self.val:
             with self.autocast():
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            total += loss.float()
-        self.model.train()
-        val_loss = ddist.all_reduce(total / len(self.val)).item()
-        # nats/token -> bits/byte: / ln 2, x tokens per byte of the val text
-        return {"val/loss": val_loss, "val/bpb": val_loss / math.log(2) / self.bytes_per_token}
+                loss, extra = self.task.loss(self.module, self._to_device(batch))
+            _accumulate(sums, {"loss": loss.float(), **extra})
+        self.module.train()
+        metrics = {f"val/{k}": v for k, v in _reduced_means(sums, len(self.val)).items()}
+        if self.task.bytes_per_token:  # nats/token -> bits/byte: / ln 2, x tokens per byte of the val text
+            metrics["val/bpb"] = metrics["val/loss"] / math.log(2) / self.task.bytes_per_token
+        return metrics
 
     @torch.no_grad()
-    def sample(self) -> str | None:
-        """A short continuation of the prompt; every rank runs it (FSDP2 needs all of them for a forward)."""
+    def sample(self) -> list[str]:
+        """A short continuation of each prompt; every rank runs it (FSDP2 needs all of them for a forward)."""
         if self.sampler is None or self.cfg.sample_tokens == 0:
-            return None
+            return []
         self.model.eval()
+        texts = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.cfg.seed + self.step)  # the same text on every rank, RNG state untouched
-            idx = torch.tensor([self.sampler.prompt_ids], dtype=torch.long, device=self.device)
-            with self.autocast():
-                out = self.model.generate(idx, self.cfg.sample_tokens, temperature=self.cfg.sample_temperature,
-                                          top_k=self.cfg.sample_top_k, eos_id=self.sampler.eos_id)
+            for prompt in self.sampler.prompts:
+                idx = torch.tensor([prompt], dtype=torch.long, device=self.device)
+                with self.autocast():
+                    out = self.model.generate(idx, self.cfg.sample_tokens, temperature=self.cfg.sample_temperature,
+                                              top_k=self.cfg.sample_top_k, eos_id=self.sampler.eos_id)
+                texts.append(self.sampler.decode(out[0].tolist()))
         self.model.train()
-        return self.sampler.decode(out[0].tolist())
+        return texts
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, val_loss: float | None = None) -> None:
         """Checkpoint the current step (collective: every rank calls it; rank 0 writes)."""
-        model_state = ddist.full_model_state(self.model)
-        optim_state = ddist.full_optimizer_state(self.model, self.opt)
+        model_state = ddist.full_model_state(self.module)
+        optim_state = ddist.full_optimizer_state(self.module, self.opt)
         if self.world.is_main:
             state = {"step": self.step, "optimizer": optim_state, "schedule": asdict(self.schedule),
                      "rng": ckpt.rng_state(), "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val,
                      "train_time_s": self.train_time,
-                     "data": {"seed": self.cfg.seed, "step": self.step, "num_windows": self.batches.windows.num_windows},
+                     "data": {"seed": self.cfg.seed, "step": self.step, "num_examples": self.batches.num_examples},
                      "train_config": asdict(self.cfg)}
             meta = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": val_loss,
                     "train_loss": self.last.get("train/loss"), "saved_at": time.time(), "data": self.data_ref}
@@ -194,13 +243,15 @@ class Trainer:
         ddist.barrier()
 
     def save_final(self) -> Path:
-        """Weights, config and tokenizer reference only: what later stages load."""
-        model_state = ddist.full_model_state(self.model)
+        """Weights, config and tokenizer reference only: what later stages load (a plain GPT, adapters merged)."""
         final = self.out_dir / "final"
+        model = self.adapter.export(self.module, self.out_dir) if self.adapter is not None else self.model
+        model_state = ddist.full_model_state(model)
         if self.world.is_main:
             meta = {"step": self.step, "tokens_seen": self.tokens_seen, "val_loss": self.last.get("val/loss"),
                     "train_loss": self.last.get("train/loss"), "saved_at": time.time(), "data": self.data_ref}
-            ckpt.save_checkpoint(final, model_state, self.model_cfg, self.tokenizer_ref, meta, None, self.aliases)
+            ckpt.save_checkpoint(final, model_state, self.model_cfg, self.tokenizer_ref, meta, None,
+                                 ckpt.tied_aliases(model))
         ddist.barrier()
         return final
 
@@ -225,8 +276,8 @@ class Trainer:
             return 0
         if "error" in info:
             raise UserError(info["error"])
-        ddist.load_model_state(self.model, weights)
-        ddist.load_optimizer_state(self.model, self.opt, state.get("optimizer", {}))
+        ddist.load_model_state(self.module, weights)
+        ddist.load_optimizer_state(self.module, self.opt, state.get("optimizer", {}))
         for group, fresh in zip(self.opt.param_groups, self.model.param_groups(self.cfg.weight_decay)):
             # the saved groups carry the old hyperparameters: this run's config decides them
             group.update(weight_decay=fresh["weight_decay"], betas=(self.cfg.beta1, self.cfg.beta2))
@@ -274,15 +325,16 @@ class Trainer:
         if evaluated_at != self.step:  # resumed at the end: report val metrics of the final weights
             self._eval_and_sample()
         self.save_final()
-        return {"train_loss": self.last.get("train/loss", math.nan), "val_loss": self.last["val/loss"],
-                "val_bpb": self.last["val/bpb"], "tokens_seen": self.tokens_seen, "steps": self.step,
+        val = {k.removeprefix("val/").replace("/", "_"): v for k, v in self.last.items() if k.startswith("val/")}
+        return {"train_loss": self.last.get("train/loss", math.nan), **{f"val_{k}": v for k, v in val.items()},
+                "tokens_seen": self.tokens_seen, "steps": self.step,
                 "tokens_per_s": self.tokens_seen / self.train_time if self.train_time else math.nan,
-                "params": self.model.num_params()}
+                "params": self.model.num_params(), "trainable_params": sum(p.numel() for p in self.trainable)}
 
     def _speed(self, seconds: float) -> dict[str, float]:
         """Throughput of the step just taken (eval and checkpoint time excluded)."""
         self.train_time += seconds
-        tok_s = self.cfg.global_batch_tokens / seconds
+        tok_s = self.step_tokens / seconds
         metrics = {"train/tokens_per_s": tok_s, "train/tokens": self.tokens_seen, "train/memory_gb": _memory_gb(self.device)}
         if self.peak_flops:  # GPUs only: a CPU has no meaningful bf16 peak
             metrics["train/mfu"] = mfu(tok_s / self.world.world_size, self.model_cfg, self.cfg.seq_len, self.peak_flops)
@@ -293,11 +345,13 @@ class Trainer:
         self.last.update(metrics)
         self.best_val = min(self.best_val, metrics["val/loss"])
         self._log(metrics)
-        text = self.sample()
-        if text is not None and self.world.is_main:
-            log.info("step %d val loss %.4f bpb %.4f | sample: %s", self.step, metrics["val/loss"],
-                     metrics["val/bpb"], text.replace("\n", " / ")[:300])
-            _append_jsonl(self.out_dir / "samples.jsonl", {"step": self.step, "text": text})
+        texts = self.sample()
+        if self.world.is_main:
+            shown = " ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in metrics.items())
+            log.info("step %d val %s%s", self.step, shown,
+                     f" | sample: {texts[0].replace(chr(10), ' / ')[:300]}" if texts else "")
+            for i, text in enumerate(texts):
+                _append_jsonl(self.out_dir / "samples.jsonl", {"step": self.step, "prompt": i, "text": text})
         return metrics["val/loss"]
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -328,6 +382,20 @@ class Trainer:
         self._restore_sigterm(previous)
         signal.raise_signal(signal.SIGTERM)  # default: terminate; tracking's handler: raise Terminated
         raise SystemExit(128 + signal.SIGTERM)  # the previous handler ignored it: stop anyway
+
+
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+    for name, value in values.items():
+        sums[name] = sums.get(name, 0) + value.detach().float()
+
+
+def _reduced_means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Per-micro-batch means over this rank's `count` micro-batches, then over the ranks (one all-reduce)."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    values = ddist.all_reduce(torch.stack([sums[n] for n in names]) / count).tolist()
+    return dict(zip(names, values))
 
 
 def _memory_gb(device: torch.device) -> float:

@@ -28,20 +28,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from llmpipe.config import StageConfig
 from llmpipe.errors import UserError
 from llmpipe.io import read_json, write_json_atomic, write_text_atomic
 from llmpipe.model import ModelConfig
 from llmpipe.stages import StageContext, code_deps
 from llmpipe.train import checkpoint as ckpt
 from llmpipe.train.launch import MetricsForwarder, launch_torchrun, system_metrics
-from llmpipe.train.loop import TrainConfig
+from llmpipe.train.settings import TrainSettings
 from llmpipe.train.pretrain_worker import train
 
 STAGE = "pretrain"
@@ -49,8 +47,8 @@ WORKER = "llmpipe.train.pretrain_worker"  # what torchrun runs on every rank
 RESOLVED_CONFIG = "resolved_config.json"  # in the model output: the settings the checkpoints were trained with
 
 
-class PretrainConfig(StageConfig):
-    """The `pretrain` section of params.yaml."""
+class PretrainConfig(TrainSettings):
+    """The `pretrain` section of params.yaml: the model's size, then the training settings."""
 
     # model: a preset, optionally with some of its sizes overridden
     preset: Literal["tiny", "draft", "gpt2-124m", "350m", "1b"] = Field("tiny", description="model size preset")
@@ -61,52 +59,7 @@ class PretrainConfig(StageConfig):
     mlp_hidden: int | None = Field(None, ge=1)
     qk_norm: bool | None = None
     attn_backend: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"
-    # batch and length of training
-    seq_len: int = Field(256, ge=8, description="context length trained on (the model's max_seq_len)")
-    micro_batch: int = Field(4, ge=1, description="sequences per forward pass per process")
-    global_batch_tokens: int = Field(1024, ge=1, description="tokens per optimizer step, all processes together")
-    max_steps: int = Field(800, ge=1, description="optimizer steps (or give train_tokens instead)")
-    train_tokens: int | None = Field(None, ge=1, description="token budget: max_steps = ceil(train_tokens / global batch)")
-    # optimizer and schedule
-    lr: float = Field(2e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(30, ge=0)
-    schedule: Literal["cosine", "wsd"] = "cosine"
-    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    grad_clip: float = Field(1.0, gt=0)
-    # eval, checkpoints, logging
-    eval_every: int = Field(100, ge=1, description="steps between val loss / bpb / sample")
-    eval_batches: int = Field(8, ge=1, description="micro-batches in the fixed val set")
-    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (best-by-val needs a multiple of eval_every)")
-    keep_last: int = Field(2, ge=1, description="checkpoints kept besides the best by val loss")
-    log_every: int = Field(1, ge=1)
-    sample_prompt: str = "ROMEO:"
-    sample_tokens: int = Field(64, ge=0, description="tokens sampled at each eval (0: none)")
-    # hardware
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on a GPU that has it, else fp32")
-    compile: bool = Field(False, description="torch.compile the model (GPU; minutes of warm-up)")
-    distributed: Literal["none", "ddp", "fsdp2"] = "none"
-    nproc_per_node: int = Field(1, ge=1, description="> 1 launches torchrun with this many processes (one per GPU)")
-    seed: int = 1337
-    log_model: bool = Field(True, description="log final/ (weights) to MLflow as artifacts")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "PretrainConfig":
-        if {"max_steps", "train_tokens"} <= self.model_fields_set:
-            raise ValueError("set max_steps or train_tokens, not both")
-        if self.nproc_per_node > 1 and self.distributed == "none":
-            raise ValueError("nproc_per_node > 1 needs distributed: ddp or fsdp2")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds the run's {self.steps} steps")
-        return self
-
-    @property
-    def steps(self) -> int:
-        return math.ceil(self.train_tokens / self.global_batch_tokens) if self.train_tokens else self.max_steps
+    sample_prompt: str = Field("ROMEO:", description="the text each eval's sample continues")
 
 
 class DraftConfig(PretrainConfig):
@@ -128,7 +81,7 @@ def resolve_config(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     sizes = {k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")}
     model = ModelConfig.from_preset(cfg.preset, meta["vocab_size"], max_seq_len=cfg.seq_len,
                                     attn_backend=cfg.attn_backend, **sizes)
-    train_settings = _train_settings(cfg)
+    train_settings = cfg.train_settings()
     return {"root": str(ctx.root.resolve()), "train_dir": _relative(ctx, tokens / "train"),
             "val_dir": _relative(ctx, tokens / "val"), "tokenizer_dir": _relative(ctx, tokenizer),
             "out_dir": _relative(ctx, ctx.output("model")), "device": cfg.device, "model": model.to_dict(),
@@ -146,15 +99,6 @@ def _token_meta(train_dir: Path, tokenizer_dir: Path) -> dict[str, Any]:
         raise UserError(f"{tok_file} is missing or disagrees with {meta_path} on the tokenizer hash: "
                         f"rerun the tokenizer stage")
     return meta
-
-
-def _train_settings(cfg: PretrainConfig) -> dict[str, Any]:
-    """The TrainConfig fields of the section, with the step count a token budget implies."""
-    fields = set(TrainConfig.__dataclass_fields__)
-    settings = {k: v for k, v in cfg.model_dump().items() if k in fields}
-    settings["max_steps"] = cfg.steps
-    TrainConfig(**settings).accum_steps(cfg.nproc_per_node)  # a batch that does not divide fails here, early
-    return settings
 
 
 def _relative(ctx: StageContext, path: Path) -> str:

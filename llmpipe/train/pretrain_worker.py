@@ -28,7 +28,8 @@ from llmpipe.model import ModelConfig
 from llmpipe.train import distributed as ddist
 from llmpipe.train.data import TokenWindows
 from llmpipe.train.launch import report_result
-from llmpipe.train.loop import Sampler, TrainConfig, Trainer
+from llmpipe.train.loop import EvalPrompts, TrainConfig, Trainer
+from llmpipe.train.task import pretraining_task
 
 if TYPE_CHECKING:
     from llmpipe.tokenizer.shards import TokenSplit
@@ -53,11 +54,13 @@ def train(resolved: dict[str, Any], tracker: Any = None) -> dict[str, float]:
     try:
         # only rank 0 writes and resumes checkpoints, so only it reads every shard to hash them
         data_ref = {"dir": resolved["train_dir"], "sha256": tokens_hash(train_split)} if world.is_main else None
-        trainer = Trainer(model_cfg, cfg, TokenWindows(train_split.shards, cfg.seq_len, resolved["train_dir"]),
-                          TokenWindows(val_split.shards, cfg.seq_len, resolved["val_dir"]),
-                          root / resolved["out_dir"], tokenizer_ref, bytes_per_token, tracker, world,
-                          make_sampler(root / resolved["tokenizer_dir"], resolved.get("sample_prompt", ""))
-                          if cfg.sample_tokens else None, data_ref)
+        task = pretraining_task(TokenWindows(train_split.shards, cfg.seq_len, resolved["train_dir"]),
+                                TokenWindows(val_split.shards, cfg.seq_len, resolved["val_dir"]), cfg, world,
+                                bytes_per_token)
+        sampler = make_sampler(root / resolved["tokenizer_dir"], resolved.get("sample_prompt", "")) \
+            if cfg.sample_tokens else None
+        trainer = Trainer(model_cfg, cfg, task, root / resolved["out_dir"], tokenizer_ref, tracker, world, sampler,
+                          data_ref)
         if world.is_main:
             log.info("model %s params, %d steps of %d tokens (accum %d x %d ranks), device %s",
                      f"{trainer.model.num_params():,}", cfg.max_steps, cfg.global_batch_tokens, trainer.accum,
@@ -87,7 +90,7 @@ def tokens_hash(split: TokenSplit) -> str:
     return digest.hexdigest()
 
 
-def make_sampler(tokenizer_dir: Path, prompt: str) -> Sampler | None:
+def make_sampler(tokenizer_dir: Path, prompt: str) -> EvalPrompts | None:
     """Samples need the real tokenizer (sentencepiece); a bare GPU node may not have it."""
     try:
         from llmpipe.tokenizer import Tokenizer
@@ -96,7 +99,7 @@ def make_sampler(tokenizer_dir: Path, prompt: str) -> Sampler | None:
         return None
     tok = Tokenizer.load(tokenizer_dir)
     prompt_ids = tok.encode(prompt) if prompt else []
-    return Sampler(prompt_ids or [tok.eos_id], tok.decode, tok.eos_id)
+    return EvalPrompts([prompt_ids or [tok.eos_id]], tok.decode, tok.eos_id)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ from llmpipe.model import ModelConfig
 from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
 from llmpipe.train.data import TokenWindows
 from llmpipe.train.loop import TrainConfig, Trainer
+from llmpipe.train.task import pretraining_task
 from tests.helpers import torch_threads
 from tests.serve.test_load import write_tokenizer
 from tests.tokenizer.synthetic import make_corpus
@@ -32,8 +33,8 @@ def served_project(tmp_path_factory) -> Path:
                       lr=1e-2, warmup_steps=5, eval_every=60, eval_batches=1, checkpoint_every=60, sample_tokens=0)
     model_cfg = ModelConfig.from_preset("tiny", tok.vocab_size, n_layer=1, d_model=64, max_seq_len=SERVE_SEQ_LEN)
     with torch_threads(1):
-        Trainer(model_cfg, cfg, TokenWindows([stream], SERVE_SEQ_LEN), TokenWindows([stream[:3000]], SERVE_SEQ_LEN),
-                root / "models" / "pretrain", {"hash": tok.hash, "vocab_size": tok.vocab_size}, 3.0).fit()
+        task = pretraining_task(TokenWindows([stream], SERVE_SEQ_LEN), TokenWindows([stream[:3000]], SERVE_SEQ_LEN), cfg)
+        Trainer(model_cfg, cfg, task, root / "models" / "pretrain", {"hash": tok.hash, "vocab_size": tok.vocab_size}).fit()
     return root
 
 

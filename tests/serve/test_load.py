@@ -14,6 +14,7 @@ from llmpipe.serve.load import load_model
 from llmpipe.tokenizer.sentencepiece_bpe import MODEL_FILE, TOKENIZER_META_FILE, Tokenizer
 from llmpipe.train.data import TokenWindows
 from llmpipe.train.loop import TrainConfig, Trainer
+from llmpipe.train.task import pretraining_task
 from tests.helpers import torch_threads
 from tests.tokenizer.synthetic import make_corpus
 from tests.train.synthetic import markov_tokens
@@ -42,8 +43,8 @@ def project(tmp_path_factory) -> tuple[Path, Trainer]:
                       eval_every=2, eval_batches=1, checkpoint_every=2, sample_tokens=0)
     model_cfg = ModelConfig.from_preset("tiny", tok.vocab_size, n_layer=1, d_model=64, max_seq_len=32)
     with torch_threads(1):
-        trainer = Trainer(model_cfg, cfg, TokenWindows([stream], 32), TokenWindows([stream[:1000]], 32),
-                          root / "models" / "pretrain", {"hash": tok.hash, "vocab_size": tok.vocab_size}, 3.0)
+        task = pretraining_task(TokenWindows([stream], 32), TokenWindows([stream[:1000]], 32), cfg)
+        trainer = Trainer(model_cfg, cfg, task, root / "models" / "pretrain", {"hash": tok.hash, "vocab_size": tok.vocab_size})
         trainer.fit()
     return root, trainer
 

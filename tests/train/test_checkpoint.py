@@ -154,15 +154,15 @@ def test_a_checkpoint_saved_before_file_hashes_loads_with_one_warning(tmp_path, 
 def test_resuming_on_other_training_data_names_what_changed(tmp_path):
     model = GPT(CFG)
     path = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints" / "step-000004", model.state_dict(), CFG, TOK,
-                                {"step": 4, "data": {"dir": "data/tokens/train", "sha256": "aaa", "num_windows": 100}},
+                                {"step": 4, "data": {"dir": "data/tokens/train", "sha256": "aaa", "num_examples": 100}},
                                 {"step": 4}, ckpt.tied_aliases(model))
-    ckpt.check_compatible(path, CFG, "tok-a", {"dir": "data/tokens/train", "sha256": "aaa", "num_windows": 100})
+    ckpt.check_compatible(path, CFG, "tok-a", {"dir": "data/tokens/train", "sha256": "aaa", "num_examples": 100})
     with pytest.raises(UserError) as err:
-        ckpt.check_compatible(path, CFG, "tok-a", {"dir": "data/tokens/train", "sha256": "bbb", "num_windows": 90},
+        ckpt.check_compatible(path, CFG, "tok-a", {"dir": "data/tokens/train", "sha256": "bbb", "num_examples": 90},
                               start_over=tmp_path / "run")
     msg = str(err.value)
     assert "training data sha256 (data/tokens/train): checkpoint 'aaa' != now 'bbb'" in msg
-    assert "training data num_windows (data/tokens/train): checkpoint 100 != now 90" in msg
+    assert "training data num_examples (data/tokens/train): checkpoint 100 != now 90" in msg
     assert f"delete {tmp_path / 'run'} to start from scratch" in msg
 
 

@@ -13,6 +13,7 @@ from llmpipe.model import ModelConfig
 from llmpipe.train import checkpoint as ckpt
 from llmpipe.train.data import TokenWindows
 from llmpipe.train.loop import NonFiniteError, TrainConfig, Trainer
+from llmpipe.train.task import pretraining_task
 from llmpipe.train.pretrain_worker import train
 from llmpipe.errors import UserError
 from tests.train.synthetic import markov_tokens, resolved_config, write_split, write_tokens
@@ -47,8 +48,8 @@ def small_trainer(out: Path, **overrides) -> Trainer:
                          "warmup_steps": 2, "eval_every": 4, "eval_batches": 2, "checkpoint_every": 4,
                          "sample_tokens": 0, **overrides})
     model_cfg = ModelConfig.from_preset("tiny", vocab, n_layer=1, d_model=64, max_seq_len=32)
-    return Trainer(model_cfg, cfg, TokenWindows([stream], 32), TokenWindows([stream[:2000]], 32), out,
-                   {"hash": "tok", "vocab_size": vocab}, 3.0)
+    task = pretraining_task(TokenWindows([stream], 32), TokenWindows([stream[:2000]], 32), cfg, bytes_per_token=3.0)
+    return Trainer(model_cfg, cfg, task, out, {"hash": "tok", "vocab_size": vocab})
 
 
 def test_a_nan_loss_stops_before_the_update_and_names_the_step_and_last_checkpoint(tmp_path):
@@ -107,7 +108,7 @@ def test_resuming_on_other_token_shards_is_refused_naming_what_changed(tmp_path,
     msg = str(err.value)
     assert "cannot resume from" in msg and "step-000002" in msg
     assert "training data sha256 (data/tokens/train): checkpoint '" in msg
-    assert ("training data num_windows" in msg) == (n_tokens != 60_000)
+    assert ("training data num_examples" in msg) == (n_tokens != 60_000)
     assert f"delete {tmp_path / 'models' / 'pretrain'} to start from scratch" in msg
 
 
@@ -135,11 +136,11 @@ def test_a_crashed_run_resumes_from_its_checkpoint_to_the_same_weights(tmp_path)
 
 
 def test_each_eval_logs_a_sample_that_is_reproducible_and_leaves_the_rng_alone(tmp_path):
-    from llmpipe.train.loop import Sampler
+    from llmpipe.train.loop import EvalPrompts
 
     def with_sampler(out):
         trainer = small_trainer(out, max_steps=4, eval_every=2, sample_tokens=8)
-        trainer.sampler = Sampler([5, 6, 7], lambda ids: "-".join(map(str, ids)), eos_id=None)
+        trainer.sampler = EvalPrompts([[5, 6, 7], [9]], lambda ids: "-".join(map(str, ids)), eos_id=None)
         return trainer
 
     torch.manual_seed(123)
@@ -149,8 +150,9 @@ def test_each_eval_logs_a_sample_that_is_reproducible_and_leaves_the_rng_alone(t
     with_sampler(tmp_path / "b").fit()
     assert torch.equal(torch.rand(1), after)  # sampling used a forked RNG
     samples = [json.loads(x) for x in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in samples] == [2, 4]
-    assert all(s["text"].startswith("5-6-7-") and len(s["text"].split("-")) == 11 for s in samples)
+    assert [(s["step"], s["prompt"]) for s in samples] == [(2, 0), (2, 1), (4, 0), (4, 1)]  # each prompt, each eval
+    assert all(s["text"].startswith("5-6-7-") and len(s["text"].split("-")) == 11 for s in samples[::2])
+    assert all(s["text"].startswith("9-") and len(s["text"].split("-")) == 9 for s in samples[1::2])
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
 
 
