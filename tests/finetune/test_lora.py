@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from llmpipe.finetune.losses import lm_loss
 from llmpipe.finetune.lora import LoraSettings, apply_lora, load_adapter, merged, save_adapter
 from llmpipe.model.config import ModelConfig
 from llmpipe.model.gpt import GPT
-from tests.helpers import torch_threads
+from tests.helpers import ROOT, torch_threads
 
 CFG = ModelConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, d_model=32, max_seq_len=16)
 ALL_LINEAR = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -127,3 +129,13 @@ def test_settings_reject_what_lora_cannot_use():
     with pytest.raises(UserError) as err:
         LoraSettings(r=0, dropout=1.0, target_modules=())
     assert "r must be" in str(err.value) and "dropout" in str(err.value) and "target_modules" in str(err.value)
+
+
+def test_losses_and_lora_import_without_peft():
+    # peft is needed only once adapters are applied: a full fine-tune runs where it is not installed
+    probe = ("import sys; sys.modules['peft'] = None\n"
+             "import llmpipe.finetune.losses, llmpipe.finetune.lora\n"
+             "from llmpipe.finetune.lora import LoraSettings; LoraSettings()\n"
+             "print('ok')")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
