@@ -109,3 +109,24 @@ def load_adapter(model: GPT, directory: Path | str, trainable: bool = False) -> 
         raise UserError(f"{directory} holds no LoRA adapter (no {ADAPTER_CONFIG}); "
                         f"point it at a directory written by save_adapter")
     return PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+
+
+ADAPTER_DIR = "adapter"  # the adapter-only save, next to final/ in the stage's output
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """The Trainer's `Adapter` (llmpipe/train/loop.py) for LoRA: wrap with fresh adapters, and at the
+    end save the adapter alone to out_dir/adapter and hand back the merged model for final/."""
+
+    settings: LoraSettings = LoraSettings()
+
+    def wrap(self, model: GPT) -> PeftModel:
+        return apply_lora(model, self.settings)
+
+    def export(self, module: PeftModel, out_dir: Path) -> GPT:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:  # one writer; every rank merges its own copy
+            save_adapter(module, Path(out_dir) / ADAPTER_DIR)
+        return merged(module)

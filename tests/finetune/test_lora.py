@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from llmpipe.errors import UserError
 from llmpipe.finetune.losses import lm_loss
-from llmpipe.finetune.lora import LoraSettings, apply_lora, load_adapter, merged, save_adapter
+from llmpipe.finetune.lora import LoraAdapter, LoraSettings, apply_lora, load_adapter, merged, save_adapter
 from llmpipe.model.config import ModelConfig
 from llmpipe.model.gpt import GPT
 from tests.helpers import ROOT, torch_threads
@@ -139,3 +139,21 @@ def test_losses_and_lora_import_without_peft():
              "print('ok')")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_the_trainers_adapter_saves_the_adapter_and_exports_the_merged_model(tmp_path):
+    base = base_model()
+    adapter = LoraAdapter(LoraSettings(target_modules=ALL_LINEAR))
+    module = adapter.wrap(copy.deepcopy(base))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # what training would have made of the zero-initialised update
+    b = batch(5)
+    adapted = logits(module, b)
+    assert (adapted - logits(base, b)).abs().max() > 1e-3
+    model = adapter.export(module, tmp_path)
+    assert type(model) is GPT and list(model.state_dict()) == list(base.state_dict())
+    torch.testing.assert_close(logits(model, b), adapted, rtol=0, atol=1e-5)
+    reloaded = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded, b), adapted, rtol=0, atol=1e-6)
