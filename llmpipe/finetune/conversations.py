@@ -119,7 +119,17 @@ def _as_json(value: Any) -> Any:
 
 
 def raw_json(record: Any) -> str:
-    return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
+    # a lone surrogate ("\\ud800" in the input) cannot be written as UTF-8: keep it escaped
+    return text if is_utf8(text) else json.dumps(record, sort_keys=True, default=str)
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- validation -----------------------------------------------------------------------------------------
@@ -149,6 +159,9 @@ def check_turns(messages: Any, last: str = "assistant") -> Messages | Reject:
     for k, message in enumerate(out):
         if not message["content"].strip():
             return Reject("turns.empty", f"message {k} ({message['role']}) is empty")
+        if not is_utf8(message["content"]):
+            return Reject("format.bad_unicode", f"message {k} holds a lone surrogate (an escape like \\ud800 "
+                                                "that is no character)")
     return out
 
 

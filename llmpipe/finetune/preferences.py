@@ -27,7 +27,7 @@ from pydantic import ConfigDict, Field
 
 from llmpipe.data.steps import Reject
 from llmpipe.finetune.conversations import (HFSource, Messages, Row, _FileSource, _Source, check_turns,
-                                            iter_hf_records, iter_json_records, make_row, parsed, raw_json)
+                                            is_utf8, iter_hf_records, iter_json_records, make_row, parsed, raw_json)
 from llmpipe.tokenizer.encode import is_val
 
 HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
@@ -87,6 +87,8 @@ def check_pair(prompt: Any, chosen: Any, rejected: Any) -> Pair | Reject:
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
         if not reply.strip():
             return Reject("turns.empty", f"the {name} reply is empty")
+        if not is_utf8(reply):
+            return Reject("format.bad_unicode", f"the {name} reply holds a lone surrogate")
     if chosen.strip() == rejected.strip():
         return Reject("pair.identical", "chosen and rejected are the same reply: nothing to prefer")
     return Pair(messages, chosen, rejected)

@@ -106,7 +106,8 @@ def good_and_bad_records() -> list:
             {"messages": []},
             {"messages": conv("q", "")},
             {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
-            {"messages": conv("hi", LONG * 4)}]
+            {"messages": conv("hi", LONG * 4)},
+            '{"messages": [{"role": "user", "content": "lone \\ud800"}, {"role": "assistant", "content": "b"}]}']
 
 
 def stage_project(root: Path) -> dict:
@@ -131,17 +132,17 @@ def test_stage_accounts_for_every_record(chat_project, chat_tok):
     metrics = run_chat_data(chat_project, **settings)
     meta = read_json(chat_project / "data" / "chat" / "meta.json")
     sft = meta["counts"]["sft"]
-    assert sft["read"] == {"chitchat": 7, "mine": 7}
+    assert sft["read"] == {"chitchat": 7, "mine": 8}
     assert sft["kept"] == {"chitchat": 6, "mine": 2}
     assert sft["rejected"] == {"chitchat": {"format.missing_turns": 1},
                                "mine": {"format.bad_json": 1, "format.missing_turns": 1, "turns.empty": 1,
-                                        "turns.role_order": 1, "length.too_long": 1}}
+                                        "turns.role_order": 1, "length.too_long": 1, "format.bad_unicode": 1}}
     quarantine = table(chat_project, "quarantine/sft.parquet")
     assert Counter((q["source"], q["reason"]) for q in quarantine) == Counter(
         {(s, r): n for s, reasons in sft["rejected"].items() for r, n in reasons.items()})
     assert any(q["origin"] == "data/chat.jsonl:3" and q["raw"] == '{"messages": oops' for q in quarantine)
     rows = table(chat_project, "sft/train.parquet") + table(chat_project, "sft/val.parquet")
-    assert len(rows) == 8 == metrics["sft_records_kept"] and metrics["sft_records_read"] == 14
+    assert len(rows) == 8 == metrics["sft_records_kept"] and metrics["sft_records_read"] == 15
     assert all(len(r["ids"]) == len(r["mask"]) <= 64 for r in rows)
     assert meta["max_tokens"] == 64 and meta["tokenizer_hash"] == chat_tok.hash
 
@@ -250,3 +251,52 @@ def test_the_real_chitchat_wheel(chat_project, real_wheel):
     assert metrics["sft_records_kept"] > 3500 and metrics["dpo_records_kept"] > 3500
     rows = table(chat_project, "sft/val.parquet")
     assert 100 < len(rows) < 300 and all(len(r["ids"]) <= 512 for r in rows)
+
+
+# A stage run in its own process whose Parquet writes pause after the first table: the test kills it
+# there with SIGKILL, the moment a non-atomic writer would leave a half-new output behind.
+KILLED_RUN = """
+import json, pathlib, sys, time
+import pyarrow.parquet as pq
+from llmpipe import stages
+from llmpipe.finetune import chat_data
+
+root = pathlib.Path(sys.argv[1])
+real_write = pq.write_table
+def write_then_hang(*args, **kwargs):
+    real_write(*args, **kwargs)
+    (root / "first_table_written").touch()
+    time.sleep(120)
+pq.write_table = write_then_hang
+stages.STAGES["chat_data"] = stages.StageSpec("chat_data", "", "", "", inputs={"tokenizer": "models/tokenizer"},
+                                              outputs={"chat": "data/chat"})
+cfg = chat_data.ChatDataConfig.model_validate(json.loads(sys.argv[2]))
+chat_data.run(cfg, stages.StageContext(root=root, name="chat_data"))
+"""
+
+
+@pytest.mark.slow
+def test_kill_while_writing_leaves_the_previous_output_whole(chat_project):
+    import os
+    import signal
+    import time
+
+    settings = stage_project(chat_project)
+    run_chat_data(chat_project, **settings)
+    before = hash_tree(chat_project / "data" / "chat")
+    changed = {**settings, "max_tokens": 128}  # other rows: a half-written output would show
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(chat_project), json.dumps(changed)],
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (chat_project / "first_table_written").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the stage ended before writing"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert hash_tree(chat_project / "data" / "chat") == before
+    assert list((chat_project / "data").glob(".tmp-chat-*"))  # the killed run's work, never at the final path
+    metrics = run_chat_data(chat_project, **changed)
+    assert not list((chat_project / "data").glob(".tmp-chat-*"))
+    assert hash_tree(chat_project / "data" / "chat") != before and metrics["sft_records_read"] == 15

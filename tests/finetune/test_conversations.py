@@ -87,6 +87,8 @@ def test_chitchat_missing_wheel_is_a_user_error(tmp_path):
     ({"messages": conv("q", "a", "unanswered")}, "turns.role_order"),
     ({"messages": conv("q", "a") + [{"role": "system", "content": "late"}]}, "turns.role_order"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "a"}]}, "turns.role_order"),
+    ('{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}',
+     "format.bad_unicode"),
 ])
 def test_rejections_have_their_reason(tmp_path, record, reason):
     write_jsonl(tmp_path / "bad.jsonl", [{"messages": conv("good", "row")}, record])
