@@ -161,11 +161,12 @@ class Tables:
     """The rows of one kind (sft or dpo): per split, plus its quarantine."""
 
     schema: pa.Schema
-    splits: dict[str, dict[str, list]] = field(default_factory=dict)
-    quarantine: dict[str, list] = field(default_factory=lambda: {n: [] for n in QUARANTINE_SCHEMA.names})
+    splits: dict[str, dict[str, list]] = field(init=False)
+    quarantine: dict[str, list] = field(init=False)
 
     def __post_init__(self) -> None:
         self.splits = {split: {n: [] for n in self.schema.names} for split in SPLITS}
+        self.quarantine = {n: [] for n in QUARANTINE_SCHEMA.names}
 
     def add(self, split: str, row: dict) -> None:
         for name, column in self.splits[split].items():
@@ -223,8 +224,8 @@ def build_sft(cfg: ChatDataConfig, ctx: StageContext, tok: Tokenizer) -> tuple[T
                 valid[src.name].append(row)
             kept = _account(counts, tables, row, result, _size(row), cfg.val_ratio,
                             lambda e: {"ids": e.ids, "mask": e.mask})
-            counts.stats["sft_tokens"] += len(result.ids) if kept else 0
-            counts.stats["sft_supervised_tokens"] += sum(result.mask) if kept else 0
+            counts.stats["tokens"] += len(result.ids) if kept else 0
+            counts.stats["supervised_tokens"] += sum(result.mask) if kept else 0
     return tables, counts, valid
 
 
@@ -286,10 +287,9 @@ def _meta(cfg: ChatDataConfig, tok: Tokenizer, sft: Tables, sft_counts: Counts, 
 def _metrics(sft: Tables, sft_counts: Counts, dpo: Tables, dpo_counts: Counts) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for kind, tables, counts in (("sft", sft, sft_counts), ("dpo", dpo, dpo_counts)):
-        metrics.update({f"{kind}_{k}": v for k, v in counts.metrics().items() if not k.startswith(kind + "_")})
+        metrics[f"{kind}_truncated"] = 0.0  # present even when nothing was kept
+        metrics.update({f"{kind}_{k}": v for k, v in counts.metrics().items()})
         metrics.update({f"{kind}_{split}_rows": float(tables.rows(split)) for split in SPLITS})
-        metrics[f"{kind}_truncated"] = float(counts.stats["truncated"])
-    metrics.update({k: float(v) for k, v in sft_counts.stats.items() if k.startswith("sft_")})
     return metrics
 
 

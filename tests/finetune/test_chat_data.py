@@ -154,6 +154,17 @@ def test_stage_accounts_for_every_record(chat_project, chat_tok):
     assert metrics["dpo_records_read"] == metrics["dpo_records_kept"] + metrics["dpo_records_rejected"]
 
 
+def test_nothing_kept_still_gives_empty_tables(chat_project):
+    write_jsonl(chat_project / "data" / "bad.jsonl", ["not json", {"messages": []}])
+    metrics = run_chat_data(chat_project, sources=[{"name": "bad", "type": "messages", "path": "data/bad.jsonl"}],
+                            preferences=[{"name": "rel", "type": "relevance", "from": "bad"}])
+    assert (metrics["sft_records_read"], metrics["sft_records_rejected"], metrics["sft_truncated"]) == (2, 2, 0)
+    assert metrics["dpo_records_read"] == 0
+    for rel in ("sft/train.parquet", "sft/val.parquet", "dpo/train.parquet", "dpo/val.parquet"):
+        assert table(chat_project, rel) == []
+    assert len(table(chat_project, "quarantine/sft.parquet")) == 2
+
+
 def test_rows_go_to_the_split_of_their_id_hash(chat_project):
     settings = stage_project(chat_project)
     run_chat_data(chat_project, **settings)
