@@ -71,7 +71,7 @@ class HFPairsSource(HFSource):
 PreferenceSource = Annotated[Union[RelevanceSource, PairsSource, HHSource, HFPairsSource],
                              Field(discriminator="type")]
 
-DEFAULT_PREFERENCES = RelevanceSource(name="chitchat_relevance", type="relevance", from_="chitchat")
+DEFAULT_PREFERENCES = RelevanceSource(name="chitchat-relevance", type="relevance", from_="chitchat")
 
 
 # -- validation and the formats -------------------------------------------------------------------------
