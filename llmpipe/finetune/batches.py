@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 import torch
 
 from llmpipe.errors import UserError
+from llmpipe.train.task import IGNORE
 
-IGNORE = -100
 PAD_ID = 0  # any id works: padding is never attended to by real tokens and its targets are IGNORE
 Mode = Literal["bucket", "pack"]
 MODES = ("bucket", "pack")
@@ -56,7 +56,7 @@ class SftExample:
 
 
 @dataclass(frozen=True)
-class Pair:
+class TokenPair:
     id: str
     prompt_ids: np.ndarray  # (p,) int64, ends with the <|assistant|> id
     chosen_ids: np.ndarray  # (c,) int64, response content + end_of_turn
@@ -97,14 +97,14 @@ def read_sft_examples(path: str | Path) -> list[SftExample]:
     return examples
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
+def read_pairs(path: str | Path) -> list[TokenPair]:
     """data/chat/dpo/{train,val}.parquet (id, prompt_ids, chosen_ids, rejected_ids) -> pairs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"preference data {path} not found: run `dvc repro chat_data` first")
     table = pq.read_table(path)
     columns = [_int_lists(table, c, path) for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
-    return [Pair(rid, p.astype(np.int64), c.astype(np.int64), r.astype(np.int64))
+    return [TokenPair(rid, p.astype(np.int64), c.astype(np.int64), r.astype(np.int64))
             for rid, p, c, r in zip(_ids(table, path), *columns)]
 
 
@@ -311,7 +311,7 @@ def sft_val_batches(examples: list[SftExample], micro_batch: int, seq_len: int, 
 
 
 # ---------------- DPO ----------------
-def _check_pairs(pairs: list[Pair], seq_len: int, name: str) -> None:
+def _check_pairs(pairs: list[TokenPair], seq_len: int, name: str) -> None:
     if not pairs:
         raise UserError(f"{name}: no preference pairs; check the chat_data report (data/chat/meta.json) for rejects")
     for p in pairs:
@@ -322,7 +322,7 @@ def _check_pairs(pairs: list[Pair], seq_len: int, name: str) -> None:
                             f"set chat_data's max_tokens to at most seq_len + 1 and rerun it")
 
 
-def collate_dpo(pairs: list[Pair], index: list[int], ref_logp: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+def collate_dpo(pairs: list[TokenPair], index: list[int], ref_logp: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """Pairs `index` (B) -> {"idx", "targets"} (2B, T): rows 0..B-1 prompt + chosen, B..2B-1 prompt +
     rejected, targets IGNORE outside the response, right padded; "ref_logp" (2B,) when cached."""
     seqs = [(pairs[i].prompt_ids, pairs[i].chosen_ids) for i in index]
@@ -355,7 +355,7 @@ class DpoBatches(_Source):
     """DPO micro-batches of `micro_batch` pairs (2 x micro_batch rows). `ref_logp` (num pairs, 2):
     the reference model's summed response log-probs (chosen, rejected) per pair, when cached."""
 
-    def __init__(self, pairs: list[Pair], micro_batch: int, seq_len: int, accum: int = 1, seed: int = 0,
+    def __init__(self, pairs: list[TokenPair], micro_batch: int, seq_len: int, accum: int = 1, seed: int = 0,
                  rank: int = 0, world_size: int = 1, ref_logp: np.ndarray | None = None):
         _check_pairs(pairs, seq_len, "dpo train")
         self.pairs, self.seq_len, self.ref_logp = pairs, seq_len, _check_ref(ref_logp, len(pairs))
@@ -369,7 +369,7 @@ class DpoBatches(_Source):
         return collate_dpo(self.pairs, index, self.ref_logp)
 
 
-def dpo_reference_batches(pairs: list[Pair], micro_batch: int, seq_len: int) -> list[tuple[np.ndarray, dict]]:
+def dpo_reference_batches(pairs: list[TokenPair], micro_batch: int, seq_len: int) -> list[tuple[np.ndarray, dict]]:
     """Every pair once, in order, as (pair indices (B,), batch): run the reference model over these and
     fill ref_logp[indices] = (chosen, rejected) to cache the reference log-probs."""
     _check_pairs(pairs, seq_len, "dpo reference")
@@ -378,7 +378,7 @@ def dpo_reference_batches(pairs: list[Pair], micro_batch: int, seq_len: int) -> 
              collate_dpo(pairs, list(range(s, min(s + micro_batch, len(pairs)))))) for s in starts]
 
 
-def dpo_val_batches(pairs: list[Pair], micro_batch: int, seq_len: int, num_batches: int | None = None,
+def dpo_val_batches(pairs: list[TokenPair], micro_batch: int, seq_len: int, num_batches: int | None = None,
                     rank: int = 0, world_size: int = 1, ref_logp: np.ndarray | None = None) -> list[dict]:
     """A fixed list of validation DPO micro-batches, pairs in file order."""
     _check_pairs(pairs, seq_len, "dpo val")

@@ -1,4 +1,4 @@
-"""Loss functions the Trainer plugs in: next-token cross-entropy (pretraining, SFT) and DPO.
+"""The DPO loss the Trainer plugs in (the next-token loss of pretraining and SFT is llmpipe.train.task.lm_loss).
 
 A `LossFn` takes the network the Trainer steps (maybe wrapped by DDP or torch.compile) and one
 micro-batch, and returns (scalar loss, named detached metrics). Targets follow the pretraining
@@ -13,30 +13,17 @@ torch only, like llmpipe.model and llmpipe.train: the loss runs on a bare GPU no
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from llmpipe.train.task import IGNORE
+
 # "cached": the batch carries ref_logp; "disable_adapter": the policy is a peft model and the reference
 # is the same model with its adapter off (no second copy); a module: a frozen copy (full fine-tune).
 Reference = Literal["cached", "disable_adapter"] | nn.Module
-
-IGNORE = -100
-
-
-def lm_loss(net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean next-token cross-entropy over targets != -100: the model's own loss (pretraining and SFT)."""
-    kwargs = {}
-    if "segments" in batch:
-        # Packed rows must keep attention inside each conversation: hand the model the segment ids so a
-        # model that cannot honour them fails loudly instead of silently attending across conversations.
-        kwargs["segments"] = batch["segments"]
-    _, loss = net(batch["idx"], batch["targets"], **kwargs)
-    return loss, {}
 
 
 def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

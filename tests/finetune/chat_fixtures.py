@@ -41,19 +41,7 @@ def chat_tok(chat_tokenizer_dir) -> Tokenizer:
 
 
 @pytest.fixture
-def chat_stage(monkeypatch):
-    """Registers `chat_data` as the lead will (delete this fixture once llmpipe/stages.py has it)."""
-    from llmpipe import stages
-
-    spec = stages.StageSpec("chat_data", "llmpipe.finetune.chat_data:ChatDataConfig", "llmpipe.finetune.chat_data:run",
-                            "conversations and preference pairs, tokenized", inputs={"tokenizer": "models/tokenizer"},
-                            outputs={"chat": "data/chat"})
-    monkeypatch.setitem(stages.STAGES, "chat_data", spec)
-    return spec
-
-
-@pytest.fixture
-def chat_project(tmp_path, chat_tokenizer_dir, chat_stage) -> Path:
+def chat_project(tmp_path, chat_tokenizer_dir) -> Path:
     """A project root with the tokenizer at models/tokenizer."""
     root = tmp_path / "project"
     shutil.copytree(chat_tokenizer_dir, root / "models" / "tokenizer")

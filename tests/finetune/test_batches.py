@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmpipe.errors import UserError
-from llmpipe.finetune.batches import (IGNORE, Pair, SftBatches, SftExample, DpoBatches, collate_dpo, collate_sft,
+from llmpipe.finetune.batches import (IGNORE, TokenPair, SftBatches, SftExample, DpoBatches, collate_dpo, collate_sft,
                                       dpo_reference_batches, dpo_val_batches, read_pairs, read_sft_examples,
                                       sft_val_batches, shift_targets)
 from llmpipe.model import GPT, ModelConfig
@@ -213,14 +213,14 @@ def test_val_batches_are_fixed_and_cover_the_split():
     assert len(halves[0]) == len(halves[1]) == 3  # 6 micro-batches, the same count on each rank
 
 
-def pairs(n: int, seed: int = 0) -> list[Pair]:
+def pairs(n: int, seed: int = 0) -> list[TokenPair]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         prompt = np.array([USER, *rng.integers(16, V, int(rng.integers(2, 6))), END, ASSIST])
         chosen = np.array([*rng.integers(16, V, int(rng.integers(1, 5))), END])
         rejected = np.array([*rng.integers(16, V, int(rng.integers(1, 5))), END])
-        out.append(Pair(f"p{i}", prompt, chosen, rejected))
+        out.append(TokenPair(f"p{i}", prompt, chosen, rejected))
     return out
 
 

@@ -20,7 +20,7 @@ from llmpipe.finetune.chat_data import ChatDataConfig, encode_conversation, enco
 from llmpipe.finetune.preferences import Pair
 from llmpipe.io import hash_tree, read_json
 from llmpipe.tokenizer.encode import is_val
-from tests.finetune.chat_fixtures import (ALICE, BOB, WHEEL, chat_project, chat_stage, chat_tok,  # noqa: F401
+from tests.finetune.chat_fixtures import (ALICE, BOB, WHEEL, chat_project, chat_tok,  # noqa: F401
                                           chat_tokenizer_dir, chitchat_conversation, conv, make_wheel, run_chat_data,
                                           write_jsonl)
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmpipe.errors import UserError
-from llmpipe.finetune.losses import lm_loss
+from llmpipe.train.task import lm_loss
 from llmpipe.finetune.lora import LoraAdapter, LoraSettings, apply_lora, load_adapter, merged, save_adapter
 from llmpipe.model.config import ModelConfig
 from llmpipe.model.gpt import GPT

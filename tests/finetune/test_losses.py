@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from llmpipe.finetune.losses import DpoLoss, dpo_loss, lm_loss, reference_logprobs, sequence_logprobs
+from llmpipe.finetune.losses import DpoLoss, dpo_loss, reference_logprobs, sequence_logprobs
+from llmpipe.train.task import lm_loss
 from llmpipe.finetune.lora import LoraSettings, apply_lora
 from llmpipe.model.config import ModelConfig
 from llmpipe.model.gpt import GPT

@@ -170,3 +170,21 @@ if __name__ == "__main__":  # regenerate: .venv/bin/python -m tests.train.test_l
         data = golden_run(Path(tmp))
     GOLDEN.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {GOLDEN}: final loss {data['losses'][-1]!r}")
+
+
+def test_a_run_can_start_from_a_checkpoints_weights_with_a_fresh_optimizer(tmp_path):
+    first = small_trainer(tmp_path / "first", max_steps=4)
+    first.fit()
+    start = tmp_path / "first" / "final"
+    # lr ~ 0: what the run ends with is what it started from, so the start was the checkpoint's weights
+    again = small_trainer(tmp_path / "again", max_steps=2, lr=1e-12, warmup_steps=0)
+    init = Trainer(again.model_cfg, again.cfg, again.task, tmp_path / "again", again.tokenizer_ref, init_from=start)
+    assert init.step == 0 and not init.opt.state  # a new run: step 0, no optimizer moments carried over
+    init.fit()
+    ours, theirs = ckpt.load_weights(tmp_path / "again" / "final"), ckpt.load_weights(start)
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
+    assert not torch.allclose(ours["tok_embeddings.weight"], again.model.state_dict()["tok_embeddings.weight"])
+    assert ckpt.read_meta(tmp_path / "again" / "final")["data"]["init"] == ckpt.weights_hash(start)
+    other_tokenizer = {**again.tokenizer_ref, "hash": "another"}
+    with pytest.raises(UserError, match=r"(?s)cannot start from .*tokenizer hash: checkpoint 'tok' != data 'another'"):
+        Trainer(again.model_cfg, again.cfg, again.task, tmp_path / "x", other_tokenizer, init_from=start)
