@@ -9,8 +9,9 @@ over the trainable parameters only. Every `eval_every` steps: the task's val los
 byte for text), a short sample per prompt; every `checkpoint_every` steps: an atomic checkpoint.
 SIGTERM finishes the current step, saves, then exits.
 
-A run starts from random weights or from a checkpoint's (`init_from`, a fresh optimizer), and an
-`Adapter` (LoRA) may wrap the model so that only its own parameters train.
+A run starts from random weights or from a checkpoint's (`init_from`, a fresh optimizer; it then
+evaluates and samples at step 0 too, so the logs show what it started from), and an `Adapter` (LoRA)
+may wrap the model so that only its own parameters train.
 
 The batches are a function of (seed, step, micro index) and the lr a function of the step, so a
 resumed run is the same computation as an uninterrupted one (bit-identical on CPU).
@@ -299,6 +300,9 @@ class Trainer:
         bar = _progress(self.cfg.max_steps, start) if self.world.is_main else None
         previous_handler = self._catch_sigterm()
         evaluated_at = None
+        if start == 0 and "init" in self.data_ref:  # where a run from given weights starts: the base's samples
+            self._eval_and_sample()
+            evaluated_at = 0
         try:
             while self.step < self.cfg.max_steps:
                 t0 = time.perf_counter()

@@ -111,8 +111,8 @@ def test_dvc_repro_fine_tunes_sft_from_pretrain_then_dpo_from_sft(project: Path)
         start = load_checkpoint(project / "models" / base / "final")[2]
         assert meta["data"]["init"] == start["files"]["model.safetensors"]["sha256"]  # started from its base
         samples = (project / "models" / stage / "samples.txt").read_text()
-        assert samples.count("user: ") == 2 * 3 and "assistant: " in samples  # 3 prompts at steps 2 and 4
-        assert len((project / "plots" / f"{stage}_loss.csv").read_text().splitlines()) == 1 + 4
+        assert samples.count("user: ") == 3 * 3 and "assistant: " in samples  # 3 prompts at steps 0, 2 and 4
+        assert len((project / "plots" / f"{stage}_loss.csv").read_text().splitlines()) == 1 + 5  # val at step 0 too
         [run] = _stage_runs(project, stage)
         from llmpipe.tracking import configure_mlflow
 

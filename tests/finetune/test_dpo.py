@@ -23,7 +23,7 @@ def test_dpo_learns_the_held_out_preferences_and_logs_the_reward_trends(tuned: P
     assert dpo["val_dpo_chosen_reward"] > dpo["val_dpo_rejected_reward"]
     records = [json.loads(line) for line in (tuned / "models/dpo/metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val/dpo/reward_accuracy" in r]
-    assert [r["step"] for r in evals] == [60, 120]
+    assert [r["step"] for r in evals] == [0, 60, 120] and evals[0]["val/dpo/reward_accuracy"] == 0  # from SFT
     trained = [r for r in records if "train/dpo/reward_margin" in r]
     assert len(trained) == 120 and trained[-1]["train/dpo/reward_margin"] > trained[0]["train/dpo/reward_margin"]
     assert {"train/dpo/chosen_logp", "train/dpo/rejected_logp"} <= set(trained[0])

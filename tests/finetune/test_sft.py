@@ -43,7 +43,8 @@ def test_sft_learns_the_assistant_turns_and_saves_what_every_later_stage_loads(t
         del os.environ["LLMPIPE_PROJECT"]
     assert info.path.endswith("final") and tok.hash == ckpt.read_tokenizer_ref(tuned / "models/sft/final")["hash"]
     samples = (tuned / "models/sft/samples.txt").read_text()
-    assert samples.count("=== step") == 2 and samples.count("user: what colour is the cat?") == 2
+    assert samples.count("=== step") == 3 and samples.count("user: what colour is the cat?") == 3
+    assert samples.startswith("=== step 0 ===")  # the base model's replies first: the progression to read
     final_sample = samples.rsplit("=== step 120 ===", 1)[1]
     assert re.search(r"assistant: \S", final_sample), final_sample  # a reply to each fixed prompt, step by step
 
