@@ -9,6 +9,10 @@ echo
 echo
 echo "Samples from the model (models/pretrain/samples.txt, last eval):"
 sed -n '/=== step/h; /=== step/!H; ${x;p}' models/pretrain/samples.txt
+for stage in sft dpo; do
+  echo "Chat replies after $stage (models/$stage/samples.txt: the first block is the model it started from):"
+  sed -n '/=== step/h; /=== step/!H; ${x;p}' "models/$stage/samples.txt"
+done
 echo
 echo "Next: 'source .venv/bin/activate', then 'dvc metrics show', 'dvc plots show',"
 echo "and 'mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db' for every run, metric and report."
