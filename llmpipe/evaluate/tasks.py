@@ -27,10 +27,11 @@ distinct ones, never one equal to the true choice; an example with no distractor
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def passages(docs: Sequence[str], min_words: int = 20, max_words: int = 120) -> 
     out = []
     for k, doc in enumerate(docs):
         for paragraph in _PARAGRAPH_BREAK.split(doc):
-            words = [m.span() for m in _WORD.finditer(paragraph)][:max_words]
+            words = [m.span() for m in itertools.islice(_WORD.finditer(paragraph), max_words)]
             if len(words) < min_words:
                 continue
             start = words[0][0]
@@ -102,11 +103,28 @@ def _sample(rng: random.Random, n: int, limit: int | None) -> list[int]:
     return sorted(rng.sample(range(n), limit))
 
 
-def _multiple_choice(rng: random.Random, context: str, truth: str, pool: Sequence[str],
-                     n_choices: int) -> Example | None:
-    """`truth` among up to n_choices - 1 distractors drawn from `pool` (distinct, sorted), at a random place."""
-    candidates = [text for text in pool if text.strip() != truth.strip()]
-    distractors = rng.sample(candidates, min(n_choices - 1, len(candidates)))
+def _distractors(rng: random.Random, pool: Sequence[str], ok: Callable[[str], bool], k: int) -> list[str]:
+    """Up to k texts of `pool` (distinct, sorted) that pass `ok`, drawn at random."""
+    chosen: list[str] = []
+    tried: set[int] = set()
+    # Random probes first: a held-out pool has thousands of texts, and filtering all of them for every
+    # example would cost pool x examples. A small pool (or bad luck) falls back to the full filter.
+    for _ in range(4 * k + 16):
+        if len(chosen) == k or not pool:
+            break
+        j = rng.randrange(len(pool))
+        if j not in tried:
+            tried.add(j)
+            if ok(pool[j]):
+                chosen.append(pool[j])
+    if len(chosen) < k:
+        rest = [text for j, text in enumerate(pool) if j not in tried and ok(text)]
+        chosen += rng.sample(rest, min(k - len(chosen), len(rest)))
+    return chosen
+
+
+def _multiple_choice(rng: random.Random, context: str, truth: str, distractors: list[str]) -> Example | None:
+    """`truth` among the distractors, at a random place; None without any distractor."""
     if not distractors:
         return None
     label = rng.randrange(len(distractors) + 1)
@@ -133,9 +151,14 @@ def _continuation_examples(pool: Sequence[Passage], seed: int, limit: int | None
     out = []
     for i in _sample(rng, len(pool), limit):
         context, truth = halves[i]
-        # Distractors come from other documents: a later paragraph of the same one could be a fair answer.
-        others = [text for text in seconds if pool[i].doc not in docs_of[text]]
-        example = _multiple_choice(rng, context, truth, others, n_choices)
+        doc = pool[i].doc
+
+        def elsewhere(text: str) -> bool:
+            # from another document: a later paragraph of the same one could be a fair answer
+            return doc not in docs_of[text] and text.strip() != truth.strip()
+
+        distractors = _distractors(rng, seconds, elsewhere, n_choices - 1)
+        example = _multiple_choice(rng, context, truth, distractors)
         if example is not None:
             out.append({**example, "doc": pool[i].doc})
     return out
@@ -169,7 +192,8 @@ def _chat_examples(conversations: Sequence[Sequence[Mapping[str, str]]], seed: i
     out = []
     for i in _sample(rng, len(usable), limit):
         k, (context, reply) = usable[i]
-        example = _multiple_choice(rng, context, reply, replies, n_choices)
+        distractors = _distractors(rng, replies, lambda text: text.strip() != reply.strip(), n_choices - 1)
+        example = _multiple_choice(rng, context, reply, distractors)
         if example is not None:
             out.append({**example, "doc": k})
     return out
