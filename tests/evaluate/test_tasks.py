@@ -227,6 +227,21 @@ def test_same_seed_same_bytes_other_seed_other_examples(tmp_path):
     assert other[f"{CONTINUATION}.jsonl"] != first[f"{CONTINUATION}.jsonl"]
 
 
+def test_other_processes_write_the_same_bytes(tmp_path):
+    """String hashing is salted per process: an order taken from a set would differ between runs."""
+    script = ("import sys\n"
+              "from tests.evaluate.test_tasks import make_conversations, make_docs\n"
+              "from llmpipe.evaluate.tasks import build_examples, write_tasks\n"
+              "write_tasks(sys.argv[1], build_examples(make_docs(), make_conversations(), seed=2, limit=5))\n")
+    written = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / hash_seed
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(ROOT)})
+        written.append({p.name: p.read_text().replace(str(out), "<dir>") for p in sorted(out.iterdir())})
+    assert written[0] == written[1]
+
+
 def test_limit_caps_every_task():
     examples = build_examples(make_docs(), make_conversations(), seed=0, limit=4)
     assert {name: len(exs) for name, exs in examples.items()} == {name: 4 for name in ALL_TASKS}
