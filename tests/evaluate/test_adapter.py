@@ -242,12 +242,15 @@ def test_chat_markers_are_text_until_a_chat_template_is_asked_for(project):
     assert lm.tokenizer_name == f"llmpipe-{tok.hash[:8]}"
 
 
-def test_register_is_idempotent_and_keeps_the_built_in_models():
-    from lm_eval.api.registry import get_model
-
-    assert register() is LlmpipeLM and register() is LlmpipeLM
-    assert get_model("llmpipe") is LlmpipeLM
-    assert get_model("dummy").__name__ == "DummyLM"
+def test_importing_registers_the_model_and_keeps_the_built_in_ones():
+    # a fresh process: in this one other imports may have filled lm-eval's registry already
+    script = ("import llmpipe.evaluate.adapter as a; from lm_eval.api.registry import get_model; "
+              "assert get_model('llmpipe') is a.LlmpipeLM, 'llmpipe'; "
+              "assert get_model('dummy').__name__ == 'DummyLM', 'dummy'; "
+              "assert a.register() is a.register() is a.LlmpipeLM, 'register'")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_stats_count_requests_and_seconds_per_type(project):
@@ -262,13 +265,14 @@ def test_stats_count_requests_and_seconds_per_type(project):
 # -- lm-eval end to end --------------------------------------------------------------------------
 DOCS = ["The first people said that it was good.", "Many men work here and there, day after day.",
         "It was the last time we made one of those."]
+WRONG = DOCS[1:] + DOCS[:1]  # another document's text: which one wins depends on the model's numbers
 
 
 def write_tasks(out: Path) -> Path:
     """Two local tasks over a 3-document json file: bits per byte, and a two-way multiple choice."""
     out.mkdir(parents=True, exist_ok=True)
     data = out / "docs.jsonl"
-    data.write_text("".join(json.dumps({"text": d, "wrong": d[::-1]}) + "\n" for d in DOCS))
+    data.write_text("".join(json.dumps({"text": d, "wrong": wrong}) + "\n" for d, wrong in zip(DOCS, WRONG)))
     (out / "rolling.yaml").write_text(textwrap.dedent(f"""\
         task: llmpipe_test_rolling
         dataset_path: json
@@ -313,13 +317,12 @@ def test_simple_evaluate_runs_local_tasks_with_our_numbers(project, tmp_path, mo
     out = lm_eval.simple_evaluate(model="llmpipe", model_args=f"pretrained={model_dir},device=cpu",
                                   tasks=["llmpipe_test_rolling", "llmpipe_test_choice"], task_manager=tasks)
     lm = LlmpipeLM(pretrained=str(model_dir), device="cpu")
-    logprobs = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(d,) for d in DOCS]))
+    eos, tok = lm.tokenizer.eos_id, lm.tokenizer
+    logprobs = [direct(lm, [eos], tok.encode(d))[0] for d in DOCS]  # each document fits one window
     bits_per_byte = -sum(logprobs) / sum(len(d.encode()) for d in DOCS) / math.log(2)
-    assert out["results"]["llmpipe_test_rolling"]["bits_per_byte,none"] == pytest.approx(bits_per_byte, rel=1e-4)
-    pairs = [("", " " + c) for d in DOCS for c in (d, d[::-1])]
-    scores = [s for s, _ in lm.loglikelihood(requests("loglikelihood", pairs))]
-    acc = np.mean([scores[2 * k] > scores[2 * k + 1] for k in range(len(DOCS))])
-    assert out["results"]["llmpipe_test_choice"]["acc,none"] == pytest.approx(acc)
+    assert out["results"]["llmpipe_test_rolling"]["bits_per_byte,none"] == close(bits_per_byte)
+    right, wrong = ([direct(lm, [eos], tok.encode(" " + c))[0] for c in choices] for choices in (DOCS, WRONG))
+    assert out["results"]["llmpipe_test_choice"]["acc,none"] == pytest.approx(np.mean(np.greater(right, wrong)))
     assert out["config"]["llmpipe_model"]["path"].startswith(str(model_dir))
 
 
