@@ -10,9 +10,9 @@ Conventions, stated because they change the numbers:
 
 - Document start. Every request is scored as the start of a document: its tokens follow one prefix
   token, which is never scored. The prefix is the eos id, not bos: the tokenizer stage writes an
-  eos after every document, so every training document starts right after an eos, and bos never
-  occurs in training (its embedding is untrained). lm-eval's own default (`TemplateLM.prefix_token_id`)
-  is the same token. The `hf` backend with add_bos_token=True also scores the BOS of a rolling
+  eos after every document, so every training document starts right after an eos, while bos never
+  occurs in pretraining (on the demo model, bos as the prefix costs 0.02 nats/token more on held-out
+  documents). lm-eval's own default (`TemplateLM.prefix_token_id`) is the same token. The `hf` backend with add_bos_token=True also scores the BOS of a rolling
   document; we do not, so our perplexities are over the document's own tokens only.
 - Context/continuation boundary: lm-eval's `_encode_pair` as its HF model does it (trailing spaces of
   the context move to the continuation; the pair is encoded whole and the context alone, and the
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 import sys
 import time
@@ -66,8 +65,6 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF default
 REQUEST_TYPES = ("loglikelihood", "loglikelihood_rolling", "generate_until")
 CHAT_FORMAT = "llmpipe: <|role|> content <|end|> per message, <|assistant|> to reply"
 PARSED_SPECIALS = ("bos", "eos", "system", "user", "assistant", "end_of_turn")  # not unk/pad: never meant as text
-
-log = logging.getLogger(__name__)
 
 Request = tuple[Any, list[int], list[int]]  # (cache key or None, context ids, continuation ids)
 
