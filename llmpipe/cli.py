@@ -105,6 +105,18 @@ def stage(name: str) -> None:
     click.echo(f"{name}: done ({shown}{', ...' if len(metrics) > 12 else ''})")
 
 
+@main.command("lm-eval", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                          "help_option_names": []},
+              add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval(args: tuple[str, ...]) -> None:
+    """lm-evaluation-harness's own command line with llmpipe's model registered (`--model llmpipe
+    --model_args pretrained=models/sft`); every argument goes to lm-eval unchanged (`llmpipe lm-eval -h`)."""
+    from llmpipe.evaluate.adapter import lm_eval_cli
+
+    lm_eval_cli(list(args))
+
+
 @main.command()
 def status() -> None:
     """Show which stages are stale (DVC) and the last tracked run of each (MLflow).

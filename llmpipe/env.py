@@ -43,7 +43,7 @@ PARENT_RUN_ID = Setting("LLMPIPE_PARENT_RUN_ID", "", "MLflow run to nest a stage
                         "it for each stage to its pipeline run", "llmpipe run (for its stages)")
 TORCH = Setting("LLMPIPE_TORCH", "torch==2.13.0", "torch requirement installed before llmpipe; e.g. `torch` "
                 "on a GPU node for a CUDA build", "scripts/install.sh")
-EXTRAS = Setting("LLMPIPE_EXTRAS", "test", "extras of llmpipe to install, comma-separated (test, bench, eval, gpu)",
+EXTRAS = Setting("LLMPIPE_EXTRAS", "test", "extras of llmpipe to install, comma-separated (test, bench, gpu)",
                  "scripts/install.sh")
 TEST_CACHE = Setting("LLMPIPE_TEST_CACHE", "~/.cache/llmpipe-tests", "where tests keep the demo corpus they "
                      "fetch (unless data/sources/ has it)", "tests")

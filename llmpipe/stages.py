@@ -121,6 +121,13 @@ STAGES: dict[str, StageSpec] = {
                   inputs={"chat": "data/chat", "base": "models/sft", "tokenizer": "models/tokenizer"},
                   outputs={"model": "models/dpo"}, code=FINETUNE_CODE + ("llmpipe/finetune/dpo.py",),
                   plots={"plots/dpo_loss.csv": {"x": "step", "y": "train_loss", "title": "dpo loss"}}),
+        StageSpec("evaluate", "llmpipe.evaluate.evaluate:EvaluateConfig", "llmpipe.evaluate.evaluate:run",
+                  "lm-evaluation-harness on held-out tasks, decontaminated, for each model",
+                  inputs={"tokens": "data/tokens", "chat": "data/chat", "tokenizer": "models/tokenizer",
+                          "pretrain": "models/pretrain", "sft": "models/sft", "dpo": "models/dpo"},
+                  outputs={"eval": "data/eval"}, persist=False,
+                  code=("llmpipe/evaluate", "llmpipe/serve", "llmpipe/model", "llmpipe/train/checkpoint.py",
+                        "llmpipe/tokenizer", *SHARED_CODE)),
     ]
 }
 

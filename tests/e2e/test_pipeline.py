@@ -34,6 +34,7 @@ E2E_OVERRIDES: dict = {
                  "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 3, "sample_tokens": 8},
     "chat_data": {"max_tokens": 64},
     "sft": FINETUNE, "dpo": FINETUNE,
+    "evaluate": {"limit": 8, "batch_size": 8},
 }
 
 
@@ -120,6 +121,23 @@ def test_dvc_repro_fine_tunes_sft_from_pretrain_then_dpo_from_sft(project: Path)
         assert run.info.status == "FINISHED" and {"samples.txt", "final"} <= artifacts
     dpo = json.loads((project / "metrics" / "dpo.json").read_text())
     assert 0 <= dpo["val_dpo_reward_accuracy"] <= 1 and "val_dpo_reward_margin" in dpo
+
+
+def test_dvc_repro_evaluates_every_model_on_decontaminated_local_tasks(project: Path):
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    for model in ("pretrain", "sft", "dpo"):
+        assert 0 < metrics[f"eval/{model}/llmpipe_bpb/bits_per_byte"] < 20
+        assert 0 <= metrics[f"eval/{model}/llmpipe_continuation/acc"] <= 1
+        assert metrics[f"eval/{model}/loglikelihood_requests_per_s"] > 0
+        results = json.loads((project / "data" / "eval" / "results" / f"{model}.json").read_text())
+        assert {"llmpipe_bpb", "llmpipe_cloze", "llmpipe_continuation", "llmpipe_chat_reply"} <= set(results["results"])
+    contamination = json.loads((project / "data" / "eval" / "decontamination.json").read_text())
+    assert set(contamination) == {"llmpipe_bpb", "llmpipe_cloze", "llmpipe_continuation", "llmpipe_chat_reply"}
+    assert all(0 <= c["fraction"] <= 1 and c["docs"] > 0 for c in contamination.values())
+    report = (project / "data" / "eval" / "report.md").read_text()
+    assert "| metric | pretrain | sft | dpo |" in report and (project / "data" / "eval" / "scores.png").exists()
+    [run] = _stage_runs(project, "evaluate")
+    assert run.data.metrics["eval/sft/llmpipe_bpb/bits_per_byte"] == metrics["eval/sft/llmpipe_bpb/bits_per_byte"]
 
 
 def test_dvc_repro_twice_runs_nothing(project: Path):
