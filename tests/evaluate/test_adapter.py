@@ -327,13 +327,13 @@ def test_simple_evaluate_runs_local_tasks_with_our_numbers(project, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_lm_eval_cli_runs_lm_evals_own_command_line_with_our_model(project, tmp_path):
+def test_llmpipe_lm_eval_runs_lm_evals_own_command_line_with_our_model(project, tmp_path):
     tasks = write_tasks(tmp_path / "tasks")
-    script = "import sys; from llmpipe.evaluate.adapter import lm_eval_cli; lm_eval_cli(sys.argv[1:])"
     argv = ["--model", "llmpipe", "--model_args", f"pretrained={project / 'models' / 'pretrain'}", "--device", "cpu",
             "--tasks", "llmpipe_test_rolling", "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]
     env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=Path(__file__).parents[2], env=env,
+    # `llmpipe lm-eval ...`: the click command hands every argument to lm-eval unchanged
+    done = subprocess.run([sys.executable, "-m", "llmpipe.cli", "lm-eval", *argv], cwd=Path(__file__).parents[2], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     [results] = (tmp_path / "out").rglob("results_*.json")
