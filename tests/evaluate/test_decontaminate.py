@@ -1,10 +1,10 @@
 """Decontamination finds planted overlaps: a 13-word run copied from training is found (whatever its
 case and punctuation), a 12-word run is not, disjoint text finds nothing; the index holds the train
-split of data/dedup and the fine-tuning data, never a val document; the report counts per task."""
+split of the token shards (data/dedup encoded by the tokenizer's split rule) and the fine-tuning
+data, never a val document; the report counts per task."""
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path
@@ -18,8 +18,10 @@ from llmpipe.errors import UserError
 from llmpipe.evaluate import decontaminate as dc
 from llmpipe.evaluate.decontaminate import NgramIndex, decontaminate, training_texts
 from llmpipe.finetune.chat_data import DPO_SCHEMA, SFT_SCHEMA
+from llmpipe.tokenizer import encode
 from llmpipe.tokenizer.encode import is_val
-from llmpipe.tokenizer.sentencepiece_bpe import TOKENIZER_META_FILE, Tokenizer
+from llmpipe.tokenizer.shards import open_split
+from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
 from tests.finetune.chat_fixtures import chat_tokenizer_dir  # noqa: F401 (a fixture)
 from tests.tokenizer.synthetic import WORDS
 
@@ -71,6 +73,8 @@ def test_case_punctuation_and_whitespace_are_normalized_away(index, train_words)
     assert index.contaminated(hyphenated)
     # a changed word in the middle breaks every 13-gram
     assert not index.contaminated(" ".join(run[:6] + ["changed"] + run[7:]))
+    # the same words in another order are another n-gram
+    assert not index.contaminated(" ".join(reversed(run)))
 
 
 def test_disjoint_text_finds_nothing(index):
@@ -108,13 +112,13 @@ def test_the_report_counts_per_task_and_the_mode_decides_what_is_kept(index, tra
 
     kept, report = decontaminate(tasks, index, mode="exclude")
     assert kept == {"cloze": [0, 2, 3], "bpb": [0, 1], "empty": []}
-    assert report["cloze"] == {"docs": 4, "contaminated": 1, "fraction": 0.25, "excluded": 1}
-    assert report["bpb"] == {"docs": 2, "contaminated": 0, "fraction": 0.0, "excluded": 0}
-    assert report["empty"] == {"docs": 0, "contaminated": 0, "fraction": 0.0, "excluded": 0}
+    assert report["cloze"] == {"docs": 4, "contaminated": 1, "fraction": 0.25, "excluded": 1, "n": 13}
+    assert report["bpb"] == {"docs": 2, "contaminated": 0, "fraction": 0.0, "excluded": 0, "n": 13}
+    assert report["empty"] == {"docs": 0, "contaminated": 0, "fraction": 0.0, "excluded": 0, "n": 13}
 
     kept, report = decontaminate(tasks, index, mode="flag")
     assert kept["cloze"] == [0, 1, 2, 3]
-    assert report["cloze"] == {"docs": 4, "contaminated": 1, "fraction": 0.25, "excluded": 0}
+    assert report["cloze"] == {"docs": 4, "contaminated": 1, "fraction": 0.25, "excluded": 0, "n": 13}
     assert dc.find_contaminated(tasks["cloze"], index) == [1]
 
     with pytest.raises(UserError, match="exclude, flag"):
@@ -130,17 +134,17 @@ def document(k: int) -> str:
 
 @pytest.fixture
 def project(tmp_path, chat_tokenizer_dir) -> Path:  # noqa: F811
-    """data/dedup in two parts (the data stages' writer), a tokenizer that recorded its val_ratio, and
-    the chat data tables."""
+    """data/dedup in two parts (the data stages' writer), encoded into data/tokens/{train,val} as the
+    tokenizer stage does (its split rule), and the chat data tables."""
     root = tmp_path / "project"
-    tok_dir = root / "models" / "tokenizer"
-    shutil.copytree(chat_tokenizer_dir, tok_dir)
-    meta = json.loads((tok_dir / TOKENIZER_META_FILE).read_text())
-    (tok_dir / TOKENIZER_META_FILE).write_text(json.dumps({**meta, "training_params": {"val_ratio": VAL_RATIO}}))
+    shutil.copytree(chat_tokenizer_dir, root / "models" / "tokenizer")
+    tok = Tokenizer.load(root / "models" / "tokenizer")
     records = [Record(content_id(document(k)), "synthetic", document(k)) for k in range(16)]
     write_records(root / "data" / "dedup" / "part-00000.parquet", records[:8])
     write_records(root / "data" / "dedup" / "part-00001.parquet", records[8:])
-    write_chat(root / "data" / "chat", Tokenizer.load(tok_dir))
+    encode.encode_corpus(tok, encode.input_files(root / "data" / "dedup"), root / "data" / "tokens", VAL_RATIO,
+                         shard_tokens=500, num_threads=1, meta={})
+    write_chat(root / "data" / "chat", tok)
     return root
 
 
@@ -178,15 +182,16 @@ def split_documents() -> tuple[list[str], list[str]]:
 
 def test_the_index_holds_the_train_split_and_never_a_val_document(project):
     train, val = split_documents()
+    assert len(open_split(project / "data" / "tokens" / "train").shards) > 1  # documents cross shard ends
     texts = list(training_texts(project, chat=None))
-    assert texts == train  # the tokenizer's order: sorted parts, row order
+    assert texts == train  # the tokenizer's order (sorted parts, row order), over two shards
     index = NgramIndex.build(texts)
     assert all(index.contaminated(doc) for doc in train)
     assert not any(index.contaminated(doc) for doc in val)
 
     _, report = decontaminate({"heldout": val, "seen": train[:2] + val[:2]}, index)
     assert report["heldout"]["contaminated"] == 0
-    assert report["seen"] == {"docs": 4, "contaminated": 2, "fraction": 0.5, "excluded": 2}
+    assert report["seen"] == {"docs": 4, "contaminated": 2, "fraction": 0.5, "excluded": 2, "n": 13}
 
 
 def test_the_fine_tuning_conversations_are_in_the_index_as_decoded_text(project):
@@ -204,21 +209,10 @@ def test_the_fine_tuning_conversations_are_in_the_index_as_decoded_text(project)
     assert index.contaminated(" ".join(USER.split()[-6:] + REPLY.split()[:7]))
 
 
-def test_the_split_is_the_one_the_tokenizer_recorded_unless_one_is_given(project):
-    meta_file = project / "models" / "tokenizer" / TOKENIZER_META_FILE
-    everything = list(training_texts(project, chat=None, val_ratio=1e-9))
-    assert everything == [document(k) for k in range(16)]  # no document is in a near-empty val split
-    meta = json.loads(meta_file.read_text())
-    del meta["training_params"]
-    meta_file.write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="training_params.val_ratio"):
-        list(training_texts(project, chat=None))
-
-
 def test_missing_inputs_name_the_stage_to_run(project):
     (project / "data" / "chat" / "dpo" / "train.parquet").unlink()
     with pytest.raises(UserError, match="chat_data"):
         list(training_texts(project))
-    shutil.rmtree(project / "data" / "dedup")
-    with pytest.raises(UserError, match="dedup"):
+    shutil.rmtree(project / "data" / "tokens")
+    with pytest.raises(UserError, match="tokenizer stage"):
         list(training_texts(project, chat=None))
