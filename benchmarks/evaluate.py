@@ -1,6 +1,7 @@
 """Evaluation speed: our lm-eval adapter vs a straightforward unbatched loop, same requests, one run.
 
-Both score the same lm-eval requests (`Instance` objects), loglikelihood and loglikelihood_rolling:
+Both score the same lm-eval requests (`Instance` objects), loglikelihood and loglikelihood_rolling
+(generate_until is the engine's, measured by benchmarks/generation.py):
 
     adapter     `LlmpipeLM.loglikelihood` / `loglikelihood_rolling` (llmpipe/evaluate/adapter.py):
                 requests sorted by length, --batch-size at a time, left-padded, one forward pass per
@@ -39,7 +40,6 @@ from lm_eval.api.model import TemplateLM
 from llmpipe.evaluate.adapter import REQUEST_TYPES, LlmpipeLM, rolling_windows
 from llmpipe.model import GPT, ModelConfig
 
-TYPES = [kind for kind in REQUEST_TYPES if kind != "generate_until"]  # generation is the engine's benchmark
 ABS_TOL, REL_TOL = 1e-3, 1e-4  # float32 sums over up to thousands of tokens, different matmul shapes
 MAX_CONTEXT_WORDS, MAX_CONTINUATION_WORDS = 48, 8
 RANDOM_INIT_STD = 0.3  # at training's 0.02 every logit is ~0: all methods agree trivially, to the last bit
