@@ -85,11 +85,16 @@ def build_local_tasks(cfg: EvaluateConfig, ctx: StageContext, task_dir: Path) ->
     from llmpipe.evaluate.heldout import conversations, split_documents
     from llmpipe.evaluate.tasks import build_examples, example_texts, keep_examples, write_tasks
     from llmpipe.tokenizer import Tokenizer
+    from llmpipe.train import checkpoint as ckpt
 
     tok = Tokenizer.load(ctx.input("tokenizer"))
     docs = list(split_documents(ctx.input("tokens") / "val", tok))
     chats = conversations(ctx.input("chat") / "sft" / "val.parquet", tok)
-    examples = build_examples(docs, chats or None, seed=cfg.seed, limit=cfg.limit)
+    # a passage of at most context/2 words (about 0.75 of the context in tokens here) fits every model
+    context = min(ckpt.read_model_config(ckpt.find_checkpoint(ctx.input(m))).max_seq_len for m in cfg.models)
+    max_words = min(120, context // 2)
+    examples = build_examples(docs, chats or None, seed=cfg.seed, limit=cfg.limit, max_words=max_words,
+                              min_words=min(20, max_words // 2))
     examples = {task: ex for task, ex in examples.items() if task in cfg.tasks}
     index = NgramIndex.build(training_texts(ctx.root, ctx.input("tokens"), ctx.input("chat"), ctx.input("tokenizer")),
                              n=cfg.decontamination.n)
