@@ -13,7 +13,9 @@ the last complete exchange (a half reply in the history would teach the model to
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from dataclasses import replace
 from typing import Callable, TextIO
 
@@ -71,6 +73,12 @@ def run_chat(session: ChatSession, banner: str, read: Callable[[str], str] = inp
         out.flush()
 
     write(f"{banner}\n{COMMANDS}\n")
+    if threading.current_thread() is threading.main_thread():
+        # a process can inherit SIGINT ignored (started in the background by a shell: `cmd &`) or
+        # blocked (its parent's signal mask), and Python then never raises KeyboardInterrupt: Ctrl-C
+        # must stop a reply whoever started the chat
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     while True:
         try:
             line = read("you> ")

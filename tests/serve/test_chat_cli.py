@@ -64,6 +64,12 @@ class Terminal:
         os.close(self.master)
 
 
+def _signal_masks(pid: int) -> str:
+    """SigBlk/SigIgn/SigCgt of a process (hex bit masks; SIGINT is bit 1, value 0x2)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_generate_streams_one_prompt_and_batches_several(served_project):
     one = llmpipe(served_project, "generate", "--prompt", "To be", "--temperature", "0", "--max-new-tokens", "12")
     assert one.returncode == 0, one.stderr
@@ -111,8 +117,12 @@ def test_chat_streams_replies_keeps_the_session_through_ctrl_c_and_exits_cleanly
         assert reply.strip()
         term.send("tell me a long story")
         term.expect(r"bot> .")  # the reply is streaming
+        signals = _signal_masks(term.proc.pid)  # read before the signal, shown if it is not acted on
         os.kill(term.proc.pid, signal.SIGINT)
-        term.expect(r"\(reply stopped; it and your message were left out of the history\)\r?\nyou> ")
+        try:
+            term.expect(r"\(reply stopped; it and your message were left out of the history\)\r?\nyou> ")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nthe chat process's signal masks before SIGINT: {signals}") from None
         assert term.proc.poll() is None
         term.send("/reset")  # the first exchange survived the interrupt; the stopped one did not
         term.expect(r"\(history cleared: 2 messages\)\r?\nyou> ")
