@@ -17,8 +17,10 @@ metrics/evaluate.json (for `dvc metrics diff`) and MLflow, plus requests/s per r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,20 +212,16 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-class _offline:
+@contextlib.contextmanager
+def _offline(on: bool) -> Iterator[None]:
     """HF_DATASETS_OFFLINE=1 while only local tasks run: nothing may reach for the hub."""
-
-    def __init__(self, on: bool):
-        self.on, self.before = on, None
-
-    def __enter__(self) -> None:
-        if self.on:
-            self.before = os.environ.get("HF_DATASETS_OFFLINE")
-            os.environ["HF_DATASETS_OFFLINE"] = "1"
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.on:
-            if self.before is None:
-                os.environ.pop("HF_DATASETS_OFFLINE", None)
-            else:
-                os.environ["HF_DATASETS_OFFLINE"] = self.before
+    before = os.environ.get("HF_DATASETS_OFFLINE")
+    if on:
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            os.environ.pop("HF_DATASETS_OFFLINE", None)
+        elif on:
+            os.environ["HF_DATASETS_OFFLINE"] = before

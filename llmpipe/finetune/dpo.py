@@ -23,8 +23,7 @@ from pydantic import Field
 
 from llmpipe.finetune.batches import DpoBatches, dpo_reference_batches, dpo_val_batches, read_pairs
 from llmpipe.finetune.losses import DpoLoss, sequence_logprobs
-from llmpipe.finetune.tuning import (FinetuneSettings, accum_steps, base_checkpoint, check_seq_len, files_hash,
-                                     one_process, read_data_meta, train_stage)
+from llmpipe.finetune.tuning import FinetuneSettings, files_hash, start, train_stage
 from llmpipe.stages import StageContext
 from llmpipe.train import checkpoint as ckpt
 from llmpipe.train.task import Task
@@ -43,33 +42,28 @@ class DpoConfig(FinetuneSettings):
 
 
 def run(cfg: DpoConfig, ctx: StageContext) -> dict[str, float]:
-    chat = ctx.input("chat")
-    meta = read_data_meta(chat)
-    base, model_cfg, tokenizer_ref = base_checkpoint(ctx, meta)
-    check_seq_len(cfg, model_cfg, meta, ctx.name)
-    train_file, val_file = chat / "dpo" / "train.parquet", chat / "dpo" / "val.parquet"
+    setup = start(cfg, ctx)
+    train_file, val_file = setup.chat / "dpo" / "train.parquet", setup.chat / "dpo" / "val.parquet"
     train_pairs, val_pairs = read_pairs(train_file), read_pairs(val_file)
-    world = one_process(cfg, ctx.name)
-    accum = accum_steps(cfg, world)
-    reference = choose_reference(cfg, len(train_pairs), accum)
+    device = setup.world.device
+    reference = choose_reference(cfg, len(train_pairs), setup.accum)
     ref_train = ref_val = None
     if reference == "cached":
-        model = ckpt.load_checkpoint(base, world.device)[0]
+        model = ckpt.load_checkpoint(setup.base, device)[0]
         ctx.log.info("dpo: reference log-probs of %d + %d pairs, once", len(train_pairs), len(val_pairs))
-        ref_train, ref_val = (reference_logps(model, pairs, cfg.micro_batch, cfg.seq_len, world.device)
+        ref_train, ref_val = (reference_logps(model, pairs, cfg.micro_batch, cfg.seq_len, device)
                               for pairs in (train_pairs, val_pairs))
         del model
     elif cfg.method == "full":  # live, a frozen copy of the SFT weights
-        reference = ckpt.load_checkpoint(base, world.device)[0]
+        reference = ckpt.load_checkpoint(setup.base, device)[0]
     else:  # live, the policy with its LoRA adapter off
         reference = "disable_adapter"
-    train = DpoBatches(train_pairs, cfg.micro_batch, cfg.seq_len, accum, cfg.seed, world.rank, world.world_size,
-                       ref_logp=ref_train)
+    train = DpoBatches(train_pairs, cfg.micro_batch, cfg.seq_len, setup.accum, cfg.seed, setup.world.rank,
+                       setup.world.world_size, ref_logp=ref_train)
     val = dpo_val_batches(val_pairs, cfg.micro_batch, cfg.seq_len, cfg.eval_batches, ref_logp=ref_val)
-    data_ref = {"dir": f"{chat.name}/dpo", "sha256": files_hash(train_file)}
+    data_ref = {"dir": f"{setup.chat.name}/dpo", "sha256": files_hash(train_file)}
     task = Task(train, val, DpoLoss(cfg.beta, reference))
-    return train_stage(cfg, ctx, world, task, base, model_cfg, tokenizer_ref, data_ref,
-                       {"beta": cfg.beta, "reference": cfg.reference})
+    return train_stage(cfg, ctx, setup, task, data_ref, {"beta": cfg.beta, "reference": cfg.reference})
 
 
 def choose_reference(cfg: DpoConfig, num_pairs: int, accum: int) -> str:

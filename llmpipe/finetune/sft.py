@@ -16,8 +16,7 @@ from typing import Literal
 from pydantic import Field
 
 from llmpipe.finetune.batches import SftBatches, read_sft_examples, sft_val_batches
-from llmpipe.finetune.tuning import (FinetuneSettings, accum_steps, base_checkpoint, check_seq_len, files_hash,
-                                     one_process, read_data_meta, train_stage)
+from llmpipe.finetune.tuning import FinetuneSettings, files_hash, start, train_stage
 from llmpipe.stages import StageContext
 from llmpipe.train.task import Task, lm_loss
 
@@ -31,15 +30,10 @@ class SftConfig(FinetuneSettings):
 
 
 def run(cfg: SftConfig, ctx: StageContext) -> dict[str, float]:
-    chat = ctx.input("chat")
-    meta = read_data_meta(chat)
-    base, model_cfg, tokenizer_ref = base_checkpoint(ctx, meta)
-    check_seq_len(cfg, model_cfg, meta, ctx.name)
-    train_file, val_file = chat / "sft" / "train.parquet", chat / "sft" / "val.parquet"
-    world = one_process(cfg, ctx.name)
-    train = SftBatches(read_sft_examples(train_file), cfg.micro_batch, cfg.seq_len, accum_steps(cfg, world), cfg.seed,
-                       world.rank, world.world_size, mode=cfg.batching)
+    setup = start(cfg, ctx)
+    train_file, val_file = setup.chat / "sft" / "train.parquet", setup.chat / "sft" / "val.parquet"
+    train = SftBatches(read_sft_examples(train_file), cfg.micro_batch, cfg.seq_len, setup.accum, cfg.seed,
+                       setup.world.rank, setup.world.world_size, mode=cfg.batching)
     val = sft_val_batches(read_sft_examples(val_file), cfg.micro_batch, cfg.seq_len, cfg.batching, cfg.eval_batches)
-    data_ref = {"dir": f"{chat.name}/sft", "sha256": files_hash(train_file)}
-    return train_stage(cfg, ctx, world, Task(train, val, lm_loss), base, model_cfg, tokenizer_ref, data_ref,
-                       {"batching": cfg.batching})
+    data_ref = {"dir": f"{setup.chat.name}/sft", "sha256": files_hash(train_file)}
+    return train_stage(cfg, ctx, setup, Task(train, val, lm_loss), data_ref, {"batching": cfg.batching})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,6 +140,27 @@ def resolve(cfg: FinetuneSettings, ctx: StageContext, extra: dict[str, Any]) -> 
     return {"train": settings, "code": ctx.code_fingerprint}
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a fine-tuning run starts from: the chat data, the base checkpoint and this process's world."""
+    chat: Path
+    base: Path
+    model_cfg: ModelConfig
+    tokenizer_ref: dict[str, Any]
+    world: ddist.World
+    accum: int
+
+
+def start(cfg: FinetuneSettings, ctx: StageContext) -> Start:
+    """Check the chat data, the base checkpoint and the settings against each other; join the world."""
+    chat = ctx.input("chat")
+    meta = read_data_meta(chat)
+    base, model_cfg, tokenizer_ref = base_checkpoint(ctx, meta)
+    check_seq_len(cfg, model_cfg, meta, ctx.name)
+    world = one_process(cfg, ctx.name)
+    return Start(chat, base, model_cfg, tokenizer_ref, world, accum_steps(cfg, world))
+
+
 def one_process(cfg: FinetuneSettings, section: str) -> ddist.World:
     """The world of a fine-tuning run: this process (pretraining alone runs under torchrun today)."""
     if cfg.nproc_per_node > 1:
@@ -151,11 +173,11 @@ def accum_steps(cfg: FinetuneSettings, world: ddist.World) -> int:
     return TrainConfig(**cfg.train_settings()).accum_steps(world.world_size)
 
 
-def train_stage(cfg: FinetuneSettings, ctx: StageContext, world: ddist.World, task: Task, base: Path,
-                model_cfg: ModelConfig, tokenizer_ref: dict[str, Any], data_ref: dict[str, Any],
+def train_stage(cfg: FinetuneSettings, ctx: StageContext, setup: Start, task: Task, data_ref: dict[str, Any],
                 extra: dict[str, Any]) -> dict[str, float]:
-    """Train `task` from `base`, then write the loss plot, samples and tracker artifacts."""
+    """Train `task` from the base checkpoint, then write the loss plot, samples and tracker artifacts."""
     out = ctx.output("model")
+    base, model_cfg, tokenizer_ref, world = setup.base, setup.model_cfg, setup.tokenizer_ref, setup.world
     restart_on_new_inputs(ctx, {**data_ref, "init": ckpt.weights_hash(base)})
     resolved = resolve(cfg, ctx, extra)
     check_continuation(ctx, resolved)

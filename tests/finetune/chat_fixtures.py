@@ -7,7 +7,6 @@ here would be shared with the other fine-tuning tests.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import zipfile
@@ -16,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from llmpipe.tokenizer.sentencepiece_bpe import MODEL_FILE, TOKENIZER_META_FILE, Tokenizer
-from tests.tokenizer.synthetic import make_corpus
+from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
+from tests.tokenizer.synthetic import make_corpus, write_small_tokenizer
 
 WHEEL = "data/sources/chitchat_dataset-0.9.0-py3-none-any.whl"
 ALICE, BOB = "alice-uuid", "bob-uuid"
@@ -25,14 +24,7 @@ ALICE, BOB = "alice-uuid", "bob-uuid"
 
 @pytest.fixture(scope="session")
 def chat_tokenizer_dir(tmp_path_factory) -> Path:
-    from llmpipe.tokenizer import train
-
-    sentences = [s for doc in make_corpus(200) for s in train.training_sentences(doc)]
-    model = train.train_sentencepiece(sentences, vocab_size=600, character_coverage=0.9995, num_threads=2)
-    out = tmp_path_factory.mktemp("chat_tokenizer")
-    (out / MODEL_FILE).write_bytes(model)
-    (out / TOKENIZER_META_FILE).write_text('{"hash": "%s"}' % hashlib.sha256(model).hexdigest())
-    return out
+    return write_small_tokenizer(tmp_path_factory.mktemp("chat_tokenizer"), make_corpus(200))
 
 
 @pytest.fixture(scope="session")

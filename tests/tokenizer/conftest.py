@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
-from llmpipe.tokenizer.sentencepiece_bpe import MODEL_FILE, TOKENIZER_META_FILE, Tokenizer
-from tests.tokenizer.synthetic import make_corpus
+from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
+from tests.tokenizer.synthetic import make_corpus, write_small_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -19,14 +18,7 @@ def corpus() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus, tmp_path_factory) -> Path:
-    from llmpipe.tokenizer import train
-
-    sentences = [s for doc in corpus for s in train.training_sentences(doc)]
-    model = train.train_sentencepiece(sentences, vocab_size=600, character_coverage=0.9995, num_threads=2)
-    out = tmp_path_factory.mktemp("tokenizer")
-    (out / MODEL_FILE).write_bytes(model)
-    (out / TOKENIZER_META_FILE).write_text('{"hash": "%s"}' % hashlib.sha256(model).hexdigest())
-    return out
+    return write_small_tokenizer(tmp_path_factory.mktemp("tokenizer"), corpus)
 
 
 @pytest.fixture(scope="session")
