@@ -45,6 +45,18 @@ SPECIAL_TOKENS: dict[str, str] = {
     "end_of_turn": "<|end|>",
 }
 CHAT_ROLES = ("system", "user", "assistant")
+# `apply_chat_template` as a Jinja template, for exports (Hugging Face tokenizer_config.json, GGUF
+# tokenizer.chat_template): a tokenizer that matches the special tokens' strings in the rendered text
+# gets exactly our ids (tests/package prove it for the Hugging Face export).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{ raise_exception('role ' + message['role'] + ' is not one of system, user, assistant') }}"
+    "{%- endif -%}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
 
 
 def split_for_encoding(text: str, target: int = SEGMENT_CHARS) -> list[str]:
