@@ -1,0 +1,1 @@
+"""Quantize, export and (issue 13) register the trained model: torchao weights, Hugging Face and GGUF exports."""
