@@ -110,22 +110,30 @@ def build_local_tasks(cfg: EvaluateConfig, ctx: StageContext, task_dir: Path) ->
 def evaluate_model(cfg: EvaluateConfig, ctx: StageContext, model: str, tasks: list[str],
                    task_dir: Path) -> tuple[dict[str, Any], dict[str, float]]:
     """lm-eval's results for one model, and its requests per second per request type."""
+    ctx.log.info("evaluate: %s on %s", model, ", ".join(tasks))
+    include = [ctx.path(cfg.include_path)] if cfg.include_path else []
+    return score(ctx.input(model), tasks, task_dir, device=cfg.device, batch_size=cfg.batch_size, seed=cfg.seed,
+                 num_fewshot=cfg.num_fewshot, include=include)
+
+
+def score(pretrained: Path, tasks: list[str], task_dir: Path, *, device: str = "auto", batch_size: int = 16,
+          seed: int = 0, num_fewshot: int = 0, include: list[Path] = ()) -> tuple[dict[str, Any], dict[str, float]]:
+    """`lm_eval.simple_evaluate` of one model (anything load_model takes) through the `llmpipe` adapter on
+    `tasks`: the local tasks written in `task_dir` and any lm-eval task; (results as JSON, requests/s by kind)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 
     from llmpipe.evaluate.adapter import LlmpipeLM
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
-    lm = LlmpipeLM(pretrained=str(ctx.input(model)), device=device, batch_size=cfg.batch_size)
-    include = [str(task_dir)] + ([str(ctx.path(cfg.include_path))] if cfg.include_path else [])
+    device = device if device != "auto" else ("cuda" if _cuda() else "cpu")
+    lm = LlmpipeLM(pretrained=str(pretrained), device=device, batch_size=batch_size)
     hub = any(t not in LOCAL_TASKS for t in tasks)
-    ctx.log.info("evaluate: %s on %s", model, ", ".join(tasks))
     with _offline(not hub):
-        manager = TaskManager(include_path=include, include_defaults=hub)
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=cfg.num_fewshot,
-                                          random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                                          torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+        manager = TaskManager(include_path=[str(task_dir), *map(str, include)], include_defaults=hub)
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot,
+                                          random_seed=seed, numpy_random_seed=seed,
+                                          torch_random_seed=seed, fewshot_random_seed=seed)
     speed = {kind: s["requests"] / s["seconds"] for kind, s in lm.stats.items() if s["seconds"] > 0}
     return json.loads(json.dumps(results, default=handle_non_serializable)), speed
 
