@@ -3,6 +3,8 @@
 `source` is one of
 
     a checkpoint directory       holding checkpoint.json (a step-* folder, or a stage's final/)
+    a quantized checkpoint       one with quantization.json too (models/quantized/int8, .../int4): its
+                                 int8/int4 weights, through llmpipe.package.quant (which needs torchao)
     a stage output directory     its final/, else its newest checkpoints/step-* (find_checkpoint)
     a stage name                 "pretrain": that stage's "model" output in the current project
 
@@ -50,20 +52,28 @@ def load_model(source: str | Path, device: str = "cpu", tokenizer: str | Path | 
                ) -> tuple[GPT, Tokenizer, ModelInfo]:
     """(model in eval mode on `device`, its tokenizer, info). UserError if `source` names no model or
     the tokenizer is not the one the checkpoint was trained with."""
-    from llmpipe.train.checkpoint import find_checkpoint, load_checkpoint, read_tokenizer_ref
+    from llmpipe.train.checkpoint import find_checkpoint, read_tokenizer_ref
 
     _refuse_unsupported(source)
     checkpoint = find_checkpoint(_checkpoint_source(source))
     tok_dir = Path(tokenizer) if tokenizer is not None else _project_tokenizer(checkpoint)
     tok = _load_tokenizer(tok_dir)
     _check_tokenizer(checkpoint, read_tokenizer_ref(checkpoint), tok, tok_dir)  # before reading the weights
-    model, cfg, meta = load_checkpoint(checkpoint, device)
+    model, cfg, meta = _load_weights(checkpoint, device)
     if cfg.vocab_size != tok.vocab_size:
         raise UserError(f"{checkpoint}: model vocab_size {cfg.vocab_size} != tokenizer vocab_size {tok.vocab_size} "
                         f"({tok_dir}); load the tokenizer it was trained with")
     info = ModelInfo(source=str(source), path=str(checkpoint), step=meta.get("step"), val_loss=meta.get("val_loss"),
                      tokenizer_hash=tok.hash, tokenizer_dir=str(tok_dir))
     return model, tok, info
+
+
+def _load_weights(checkpoint: Path, device: str) -> tuple[GPT, Any, dict[str, Any]]:
+    """load_checkpoint, or load_quantized for a quantized checkpoint (the only path that imports torchao)."""
+    from llmpipe.package.quant import is_quantized, load_quantized
+    from llmpipe.train.checkpoint import load_checkpoint
+
+    return load_quantized(checkpoint, device) if is_quantized(checkpoint) else load_checkpoint(checkpoint, device)
 
 
 def _refuse_unsupported(source: str | Path) -> None:

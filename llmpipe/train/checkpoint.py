@@ -74,11 +74,13 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
 
 def save_checkpoint(directory: Path | str, state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig,
                     tokenizer: dict[str, Any], meta: dict[str, Any], trainer_state: dict[str, Any] | None = None,
-                    aliases: dict[str, str] | None = None) -> Path:
+                    aliases: dict[str, str] | None = None, extra_json: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint to `directory` atomically (replacing an existing one); returns `directory`.
 
     `state_dict` is the full model state on CPU (see distributed.full_model_state); `aliases` names tied
-    entries to store once (`tied_aliases(model)`); `meta` goes into the completion marker.
+    entries to store once (`tied_aliases(model)`); `meta` goes into the completion marker; `extra_json`
+    ({file name: data}) adds JSON files that the marker hashes like the others (a quantized checkpoint's
+    quantization.json).
     """
     from safetensors.torch import save_file
 
@@ -91,6 +93,8 @@ def save_checkpoint(directory: Path | str, state_dict: dict[str, torch.Tensor], 
         _write_json(tmp / TOKENIZER_REF, tokenizer)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE)
+        for name, data in (extra_json or {}).items():
+            _write_json(tmp / name, data)
         _write_json(tmp / MARKER, {**meta, "resumable": trainer_state is not None, "files": _file_records(tmp)})
     return directory
 
