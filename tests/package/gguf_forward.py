@@ -1,4 +1,5 @@
-"""A small NumPy forward pass over a GGUF file, written from llama.cpp's semantics, not from our model.
+"""A small NumPy forward pass over a GGUF file, and llama.cpp's SentencePiece tokenizer over its vocabulary,
+both written from llama.cpp's semantics, not from our model or tokenizer.
 
 It reads only the file: hyperparameters from the `llama.*` keys, tensors by their GGUF names, and
 follows llama.cpp's `llama` graph (llm_build_llama) with ggml's operators:
@@ -17,6 +18,10 @@ follows llama.cpp's `llama` graph (llm_build_llama) with ggml's operators:
 
 Dequantization is by hand from the block formats (ggml-common.h): F16 as IEEE half, BF16 as the top
 16 bits of a float32, Q8_0 as blocks of 34 bytes: a float16 scale d, then 32 int8 q; x = d * q.
+
+`spm_tokenize` follows src/llama-vocab.cpp (tokenizer_st_partition, llm_tokenizer_spm_session: a
+priority queue of adjacent pairs by the merged token's score, ties to the leftmost, unknown symbols
+as byte tokens), as llama_tokenize runs it for a `llama` (SPM) vocabulary.
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ class GGUFModel:
         hp = lambda key: self.fields[f"llama.{key}"]  # noqa: E731
         self.n_embd, self.n_layer = hp("embedding_length"), hp("block_count")
         self.n_head, self.n_head_kv = hp("attention.head_count"), hp("attention.head_count_kv")
-        self.n_rot, self.eps, self.freq_base = hp("rope.dimension_count"), hp("attention.layer_norm_rms_epsilon"), hp("rope.freq_base")
+        self.n_rot, self.freq_base = hp("rope.dimension_count"), hp("rope.freq_base")
+        self.eps = hp("attention.layer_norm_rms_epsilon")
         self.head_dim = self.n_embd // self.n_head
         self.w = {t.name: tensor_values(t) for t in reader.tensors}
 
@@ -123,3 +129,85 @@ class GGUFModel:
             return self.mul_mat(head, x)
         finally:
             self.w = w
+
+
+# -- llama.cpp's SentencePiece tokenizer (src/llama-vocab.cpp: tokenizer_st_partition, then per raw fragment
+# llm_tokenizer_spm_session::tokenize), over the file's tokens, scores and token types -------------------------
+
+TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN = 3, 4, 2
+
+
+def spm_tokenize(fields: dict, text: str, parse_special: bool = True) -> list[int]:
+    """The ids llama.cpp gives `text` with this file's vocabulary (llama_tokenize with add_special false).
+
+    Special tokens (control/user-defined/unknown, longest first) are cut out of the raw text first when
+    parse_special; each remaining fragment gets a leading space if add_space_prefix and it follows a special
+    token or starts the text, spaces become "▁", then: one symbol per character; repeatedly merge the adjacent
+    pair whose concatenation is a token with the highest score (ties: the leftmost); a final symbol that is
+    no token is written as its UTF-8 byte tokens <0xXX>."""
+    tokens, scores = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"]
+    types = fields["tokenizer.ggml.token_type"]
+    to_id = {t: i for i, t in enumerate(tokens)}
+    fragments: list[str | int] = [text]
+    if parse_special:
+        specials = sorted((i for i, ty in enumerate(types) if ty in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)),
+                          key=lambda i: len(tokens[i]), reverse=True)
+        for sid in specials:
+            split: list[str | int] = []
+            for frag in fragments:
+                if isinstance(frag, int):
+                    split.append(frag)
+                    continue
+                parts = frag.split(tokens[sid])
+                for k, part in enumerate(parts):
+                    if k:
+                        split.append(sid)
+                    if part:
+                        split.append(part)
+            fragments = split
+    out, prev_special = [], True
+    for frag in fragments:
+        if isinstance(frag, int):
+            out.append(frag)
+            prev_special = True
+            continue
+        raw = (" " if fields.get("tokenizer.ggml.add_space_prefix", True) and prev_special else "") + frag
+        out += _spm_session(raw.replace(" ", "\u2581"), to_id, scores)
+        prev_special = False
+    return out
+
+
+def _spm_session(text: str, to_id: dict[str, int], scores: list[float]) -> list[int]:
+    import heapq
+
+    sym = [[i, 1] for i in range(len(text))]  # [start, length in characters]; length 0 once merged away
+    nxt = list(range(1, len(text))) + [-1]
+    prv = list(range(-1, len(text) - 1))
+    queue: list[tuple[float, int, int, int]] = []
+
+    def try_add(left: int, right: int) -> None:
+        if left == -1 or right == -1:
+            return
+        piece = text[sym[left][0]:sym[left][0] + sym[left][1] + sym[right][1]]
+        if piece in to_id:
+            heapq.heappush(queue, (-scores[to_id[piece]], left, right, len(piece)))
+
+    for i in range(1, len(text)):
+        try_add(i - 1, i)
+    while queue:
+        _, left, right, size = heapq.heappop(queue)
+        if sym[left][1] == 0 or sym[right][1] == 0 or sym[left][1] + sym[right][1] != size:
+            continue  # one side was merged since this pair was queued
+        sym[left][1] += sym[right][1]
+        sym[right][1] = 0
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prv[nxt[right]] = left
+        try_add(prv[left], left)
+        try_add(left, nxt[left])
+    out, i = [], 0 if text else -1
+    while i != -1:
+        piece = text[sym[i][0]:sym[i][0] + sym[i][1]]
+        out += [to_id[piece]] if piece in to_id else [to_id[f"<0x{b:02X}>"] for b in piece.encode("utf-8")]
+        i = nxt[i]
+    return out

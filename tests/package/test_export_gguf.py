@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import gguf
+import jinja2
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,7 @@ from llmpipe.model import GPT, ModelConfig
 from llmpipe.package.export_gguf import export_gguf
 from llmpipe.tokenizer.sentencepiece_bpe import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
 from llmpipe.train.checkpoint import load_checkpoint, save_checkpoint, tied_aliases
-from tests.package.gguf_forward import GGUFModel, dequantize_q8_0, tensor_values
+from tests.package.gguf_forward import GGUFModel, dequantize_q8_0, spm_tokenize, tensor_values
 
 FILE_TYPES = ("f32", "f16", "bf16", "q8_0")
 QTYPE = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
@@ -241,3 +242,25 @@ def test_refusals_name_the_problem(source, tmp_path):
     with pytest.raises(UserError, match=r"trained with tokenizer 0{64}.*export with the tokenizer it was trained"):
         export_gguf(tmp_path / "other", tok, tmp_path / "other.gguf", "f16")
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".gguf" or p.name.startswith(".tmp")]
+
+
+def test_llama_cpp_tokenizer_gives_our_ids(source, exported, corpus_text):
+    """llama.cpp's SentencePiece tokenizer (gguf_forward.spm_tokenize, from llama-vocab.cpp) on the file's
+    vocabulary gives our ids: real text, spaces, tabs, newlines, digits, byte fallback, and the chat template
+    rendered as llama.cpp renders it (Jinja) with its special tokens parsed."""
+    _, tok, _, _ = source
+    fields = GGUFModel(exported["q8_0"]).fields
+    step = len(corpus_text) // 12
+    samples = [corpus_text[k:k + 1500] for k in range(0, len(corpus_text) - 1500, step)]
+    hard = ["Hello, world!", "  two  spaces\tand a tab\n\nnew line", "digits 1234567890, 3.14",
+            "emoji 🙂, CJK 漢字, é", " leading", "trailing ", "x  \n  y", "<|user|> written in a document is text"]
+    for text in samples + hard:
+        assert spm_tokenize(fields, text, parse_special=False) == tok.encode(text), text[:60]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Hamlet? 42 times"},
+                {"role": "assistant", "content": " A prince."}, {"role": "user", "content": "And 🙂?"}]
+    template = jinja2.Environment().from_string(fields["tokenizer.chat_template"])  # the file's own template
+    rendered = template.render(messages=messages, add_generation_prompt=True)
+    assert spm_tokenize(fields, rendered) == tok.apply_chat_template(messages, add_generation_prompt=True)
+    # The one known difference: llama.cpp turns spaces into "▁" before matching, so a literal "▁" reads as a
+    # space there, where our Tokenizer encodes its three UTF-8 bytes (see export_gguf's docstring).
+    assert spm_tokenize(fields, "a ▁ b", parse_special=False) == tok.encode("a   b") != tok.encode("a ▁ b")
