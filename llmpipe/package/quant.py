@@ -6,8 +6,9 @@
     model, cfg, meta = load_quantized(out_dir)           # or load_model(out_dir): it dispatches here
 
 What is quantized: every nn.Linear (attention q/k/v/o, MLP gate/up/down, an untied lm_head) and the
-token embedding; only the RMSNorm gains (a few thousand numbers) stay fp32. The embedding is most of
-a small model's weights (vocab x d_model), so leaving it fp32 would miss the size targets. When the
+token embedding; only the RMSNorm gains (a few thousand numbers) stay fp32. The embedding (vocab x
+d_model) is a large share of a small model's weights (a quarter of the 2 x 128 test model's), so an
+fp32 embedding alone would take the int4 file past its 0.18x target. When the
 embedding is tied to the output head it is ONE matrix, quantized once per row (= per token for the
 lookup, = per output channel for the head) and shared by both modules: stored once, the tie kept,
 and the head sees exactly the weights the lookup does. (torchao's `quantize_` would untie it,
@@ -15,13 +16,15 @@ quantizing the head as a second copy.)
 
   int8   symmetric, one fp32 scale per output channel (row); torchao `Int8Tensor`. Run with bf16
          activations: on CPU the linears call `aten._weight_int8pack_mm`, the int8 x bf16 kernel
-         (the only CPU int8 path that beats fp32: torchao's own weight-only matmuls dequantize the
-         weight at every call, Int8Tensor 2.6x and IntxUnpackedToInt8Tensor 6.6x slower than fp32 on
-         a 2048x512 linear at batch 1, where the kernel was 1.4-2x faster). Elsewhere (CUDA) the
-         linears use Int8Tensor's own matmul.
+         (the only CPU int8 path that beats fp32: torchao's own weight-only matmuls convert the
+         weight at every call, Int8Tensor 2.5x and IntxUnpackedToInt8Tensor 6.5x slower than fp32 on
+         a 2048x512 linear at batch 1, where the kernel was 1.4-2.3x faster, and with fp32 inputs 7x
+         slower). Greedy decoding through the engine, one thread: 1.46x fp32's tokens/s at GPT-2
+         small's shape, 1.15x at the "draft" preset, 1.0x at "tiny" (per-token overhead dominates);
+         Int8Tensor's matmul gave 0.63-0.72x. Elsewhere (CUDA) the linears use Int8Tensor's matmul.
   int4   symmetric, one fp32 scale per `group_size` consecutive inputs of a row; torchao
          `IntxUnpackedToInt8Tensor` (int4 values held one per int8), fp32 activations. Its forward
-         dequantizes the weight each call: int4 buys size, not CPU speed.
+         dequantizes the weight each call: int4 buys size, not CPU speed (0.25x fp32's tokens/s).
 
 torchao chooses the scales and rounds (`choose_qparams_affine`, `quantize_affine`) and holds the
 quantized tensors; the file format is ours, because torchao 0.18 has no int4 tensor that is both
