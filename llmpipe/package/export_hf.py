@@ -16,8 +16,10 @@ and deliberately no tokenizer.model (transformers would rebuild the tokenizer fr
 
 Conventions a Hugging Face user should know: our models read a document as the tokens after an eos
 (the tokenizer stage ends every document with one); the tokenizer adds nothing around the text, so
-prepend `eos_token_id` to start a document as our engine and evaluation do. `rope_theta` is written
-both the transformers 4 way (top level) and the transformers 5 way (`rope_parameters`).
+prepend `eos_token_id` to score or continue text as the start of a document, as our evaluation does
+(llmpipe/evaluate/adapter.py). `bos_token_id` names the <|bos|> piece, which pretraining never shows.
+`rope_theta` is written both the transformers 4 way (top level) and the transformers 5 way
+(`rope_parameters`).
 
 The directory is written under a temp name and renamed into place, so a crash never leaves half an
 export where a reader looks. A QK-norm model is refused: Llama has no QK-norm.

@@ -216,3 +216,10 @@ def test_the_special_tokens_are_declared_by_name(hf_tok, ours):
         tok.bos_id, tok.eos_id, tok.pad_id, tok.special_ids["unk"])
     assert set(hf_tok.all_special_ids) == set(tok.special_ids.values())
     assert {hf_tok.convert_ids_to_tokens(i) for i in tok.special_ids.values()} == set(SPECIAL_TOKENS.values())
+
+
+def test_exporting_again_gives_the_same_bytes(exported: Path, ours, tmp_path: Path):
+    """dvc.lock records the export's hash: a rerun of the stage must not change it."""
+    _, tok, info = ours
+    again = export_hf(Path(info.path), tok, tmp_path / "hf")
+    assert {p.name: p.read_bytes() for p in again.iterdir()} == {p.name: p.read_bytes() for p in exported.iterdir()}
