@@ -68,7 +68,7 @@ def heldout_docs(corpus_text: str, n: int = 6) -> list[str]:
 
 @pytest.fixture(scope="module")
 def setup(trained_project: Path, corpus_text: str, tmp_path_factory):
-    """(our model dir, the export, the local tasks' TaskManager, the eos id)."""
+    """(our model dir, the export, the local tasks' TaskManager, the eos id, the task names)."""
     model_dir = trained_project / "models" / "pretrain"
     _, tok, info = load_model(model_dir)
     out = tmp_path_factory.mktemp("harness")
