@@ -52,6 +52,7 @@ def export_gguf(checkpoint: Path, tokenizer, out_path: Path, file_type: str) -> 
     Tokenizer it was trained with) as a GGUF file of `file_type` at `out_path`; returns `out_path`."""
     import gguf
 
+    from llmpipe.package.quant import QUANT_FILE, is_quantized
     from llmpipe.train.checkpoint import (find_checkpoint, load_weights, read_model_config, read_tokenizer_ref,
                                           verify_checkpoint)
 
@@ -59,12 +60,15 @@ def export_gguf(checkpoint: Path, tokenizer, out_path: Path, file_type: str) -> 
         raise UserError(f"GGUF file type {file_type!r} (params.yaml quantize.gguf) is not one of "
                         f"{', '.join(FILE_TYPES)}")
     checkpoint = find_checkpoint(checkpoint)
+    if is_quantized(checkpoint):
+        raise UserError(f"{checkpoint} holds quantized weights ({QUANT_FILE}); export GGUF from the unquantized "
+                        f"checkpoint it came from: the q8_0 file type is llama.cpp's own int8")
     verify_checkpoint(checkpoint)
     cfg = read_model_config(checkpoint)
     if cfg.qk_norm:
         raise UserError(f"{checkpoint}: the model uses QK-norm (model_config.json qk_norm: true), which "
-                        f"llama.cpp's `llama` architecture does not have; export it without GGUF "
-                        f"(remove quantize.gguf from params.yaml) or train with qk_norm false")
+                        f"llama.cpp's `llama` architecture does not have, so no GGUF file can hold it; train with "
+                        f"qk_norm false for a GGUF export")
     _check_tokenizer(checkpoint, read_tokenizer_ref(checkpoint), tokenizer, cfg.vocab_size)
     state = {k: v.float().numpy() for k, v in load_weights(checkpoint).items()}
 
@@ -118,6 +122,7 @@ def gguf_tensors(state: dict[str, np.ndarray], cfg) -> list[tuple[str, np.ndarra
     out.append((name(T.OUTPUT_NORM), state["norm.weight"]))
     if not cfg.tie_embeddings:  # tied: llama.cpp reuses token_embd (see the module docstring)
         out.append((name(T.OUTPUT), state["lm_head.weight"]))
+    assert len(out) == len(state) - cfg.tie_embeddings, "a model tensor has no GGUF name"  # lm_head: an alias
     return out
 
 

@@ -238,6 +238,10 @@ def test_refusals_name_the_problem(source, tmp_path):
     small_checkpoint(tmp_path / "qk", tok, qk_norm=True)
     with pytest.raises(UserError, match=r"qk_norm.*llama"):
         export_gguf(tmp_path / "qk", tok, tmp_path / "qk.gguf", "f16")
+    small_checkpoint(tmp_path / "quantized", tok)
+    (tmp_path / "quantized" / "quantization.json").write_text('{"variant": "int8"}')
+    with pytest.raises(UserError, match=r"quantized weights.*export GGUF from the unquantized checkpoint"):
+        export_gguf(tmp_path / "quantized", tok, tmp_path / "quantized.gguf", "q8_0")
     small_checkpoint(tmp_path / "other", tok, tokenizer_hash="0" * 64)
     with pytest.raises(UserError, match=r"trained with tokenizer 0{64}.*export with the tokenizer it was trained"):
         export_gguf(tmp_path / "other", tok, tmp_path / "other.gguf", "f16")
