@@ -268,3 +268,16 @@ def test_llama_cpp_tokenizer_gives_our_ids(source, exported, corpus_text):
     # The one known difference: llama.cpp turns spaces into "▁" before matching, so a literal "▁" reads as a
     # space there, where our Tokenizer encodes its three UTF-8 bytes (see export_gguf's docstring).
     assert spm_tokenize(fields, "a ▁ b", parse_special=False) == tok.encode("a   b") != tok.encode("a ▁ b")
+
+
+def test_transformers_gguf_loader_gives_our_logits(source, exported, text_ids):
+    """A second, independent reader of the file: transformers' GGUF loader undoes llama.cpp's q/k
+    permutation on its own and runs its Llama; it gets our logits too."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, model, _ = source
+    path = exported["f32"]
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(torch.tensor([text_ids])).logits[0].double().numpy()
+    assert np.abs(got - logits_of(model, text_ids)).max() <= 1e-4
