@@ -19,12 +19,20 @@ quantizing the head as a second copy.)
          (the only CPU int8 path that beats fp32: torchao's own weight-only matmuls convert the
          weight at every call, Int8Tensor 2.5x and IntxUnpackedToInt8Tensor 6.5x slower than fp32 on
          a 2048x512 linear at batch 1, where the kernel was 1.4-2.3x faster, and with fp32 inputs 7x
-         slower). Greedy decoding through the engine, one thread: 1.46x fp32's tokens/s at GPT-2
-         small's shape, 1.15x at the "draft" preset, 1.0x at "tiny" (per-token overhead dominates);
-         Int8Tensor's matmul gave 0.63-0.72x. Elsewhere (CUDA) the linears use Int8Tensor's matmul.
+         slower). Elsewhere (CUDA) the linears use Int8Tensor's matmul.
   int4   symmetric, one fp32 scale per `group_size` consecutive inputs of a row; torchao
-         `IntxUnpackedToInt8Tensor` (int4 values held one per int8), fp32 activations. Its forward
-         dequantizes the weight each call: int4 buys size, not CPU speed (0.25x fp32's tokens/s).
+         `IntxUnpackedToInt8Tensor` (int4 values held one per int8), bf16 activations. On CPU the
+         linears call the tinygemm kernel `aten._weight_int4pack_mm_for_cpu` on its own packing of
+         the same values, made at load (3x faster than fp32 on the 2048x512 linear; the tensor's own
+         forward dequantizes the weight each call, 33x slower). Elsewhere, that forward.
+
+Greedy decoding through the engine (batch 1, one CPU thread, vocab 4096), tokens/s against fp32:
+
+    preset       int8    int4    int8 with Int8Tensor's matmul    int4 with the tensor's forward
+    tiny         0.97x   1.20x   0.72x                             0.25x
+    draft        1.19x   1.58x   0.68x                             0.25x
+    gpt2-124m    1.56x   2.05x   0.63x                             -
+(the smaller the model, the more the per-token overhead outside the matmuls dominates).
 
 torchao chooses the scales and rounds (`choose_qparams_affine`, `quantize_affine`) and holds the
 quantized tensors; the file format is ours, because torchao 0.18 has no int4 tensor that is both
@@ -38,7 +46,8 @@ packed and usable on an x86 CPU:
         share it), and safetensors cannot save it ("invalid python storage")
     IntxWeightOnlyConfig(torch.int4)                        works, but one int4 per byte (0.29x fp32)
 
-so int4 values are packed here, two per byte.
+so int4 values are packed here, two per byte, in a layout of our own; the kernel's packing (the one
+Int4OpaqueTensor would hold) is made from it at load, in memory only.
 
 A quantized checkpoint is the one checkpoint format (llmpipe.train.checkpoint: atomic, marker with
 file hashes written last) with:
@@ -58,7 +67,8 @@ loaded model computes exactly what the in-memory quantized one did.
 
 Torch and the standard library at module level: torchao is imported where it is used, so
 `is_quantized` costs nothing and the serve engine needs no torchao for unquantized models.
-Quantize on CPU; `.to("cuda")` of a quantized model is torchao's tensor `.to` (untested here: no GPU).
+Quantize on CPU. To run elsewhere, load with `device=` (untested here: no GPU): `.to()` of an int4
+model is IntxUnpackedToInt8Tensor.to, which rounds the scales to bf16 on the way.
 """
 
 from __future__ import annotations
@@ -85,7 +95,7 @@ VARIANTS = ("int8", "int4")
 QUANT_FILE = "quantization.json"
 PARTS = ("qdata", "scale", "zero_point")
 BITS = {"int8": 8, "int4": 4}
-COMPUTE_DTYPE = {"int8": torch.bfloat16, "int4": torch.float32}  # int8: what the CPU int8 kernel takes
+COMPUTE_DTYPE = {"int8": torch.bfloat16, "int4": torch.bfloat16}  # what the CPU int8 and int4 kernels take
 
 
 @dataclass(frozen=True)
@@ -181,6 +191,28 @@ class Int8PackLinear(nn.Linear):
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
 
 
+class Int4PackLinear(nn.Linear):
+    """A Linear over torchao's grouped int4 IntxUnpackedToInt8Tensor that, on CPU with bf16 inputs, runs
+    the tinygemm kernel `aten._weight_int4pack_mm_for_cpu` on the kernel's own packing of the same
+    values (buffers made by `_int4_kernel_form`, not saved) instead of dequantizing the whole weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16:
+            return F.linear(x, self.weight)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.int4_packed,
+                                                       self.weight.block_size[-1], self.int4_scale_zero)
+        return y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
+
+
+def _int4_kernel_form(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, scale_and_zero) for the tinygemm kernel, which computes (u - 8) * scale + zero from
+    unsigned nibbles u: u = q + 8, zero = -zero_point * scale, (K/group, N, 2) in bf16."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.qdata.to(torch.int32) + 8, 1)
+    scale = w.scale.float()
+    zero = -w.zero_point.float() * scale
+    return packed, torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
 class QuantEmbedding(nn.Embedding):
     """An Embedding over a quantized table that dequantizes only the rows looked up (torchao's embedding
     dequantizes the whole vocab x d_model table for every decoding step)."""
@@ -200,6 +232,12 @@ def _use_quantized_forwards(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is nn.Linear and isinstance(module.weight, ao.Int8Tensor):
             module.__class__ = Int8PackLinear
+        elif (type(module) is nn.Linear and isinstance(module.weight, ao.IntxUnpackedToInt8Tensor)
+              and module.weight.device.type == "cpu"):  # the kernel's packing is a CPU one
+            packed, scale_zero = _int4_kernel_form(module.weight)
+            module.register_buffer("int4_packed", packed, persistent=False)
+            module.register_buffer("int4_scale_zero", scale_zero, persistent=False)
+            module.__class__ = Int4PackLinear
         elif type(module) is nn.Embedding and hasattr(module.weight, "qdata"):
             module.__class__ = QuantEmbedding
 
@@ -283,7 +321,9 @@ def load_quantized(checkpoint: Path, device="cpu") -> tuple[GPT, ModelConfig, di
     spec, info = read_quantization(path)
     cfg = read_model_config(path)
     file = path / WEIGHTS
-    tensors = load_file(str(file))
+    # straight onto the device: Module.to would go through IntxUnpackedToInt8Tensor.to, which casts the
+    # int4 scales to its compute dtype (bf16), and the model would no longer be the one quantized
+    tensors = load_file(str(file), device=str(device))
     with torch.device("meta"):  # shapes only: every weight comes from the file
         model = GPT(cfg)
     targets = quantized_modules(model)
@@ -296,9 +336,9 @@ def load_quantized(checkpoint: Path, device="cpu") -> tuple[GPT, ModelConfig, di
     _load_plain(model, tensors, file)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_embeddings.weight
-    model.rope_cos, model.rope_sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    model.rope_cos, model.rope_sin = rotary_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device)
     _use_quantized_forwards(model)
-    model.to(device).eval()
+    model.eval()
     meta = {**read_meta(path), "tokenizer": read_tokenizer_ref(path), "path": str(path), "quantization": info}
     return model, cfg, meta
 

@@ -125,9 +125,12 @@ def test_every_loaded_weight_is_within_half_a_step_of_the_fp32_one(project: Path
             error = ((w.qdata.float() - zero) * step - fp32[name].detach()).abs()  # in fp32, not the compute dtype
             assert bool((error <= step * (0.5 + 1e-4)).all()), f"{variant} {name}: max error {error.max():.3g}"
             assert float(error.max()) > 0, f"{variant} {name}: not quantized"
-        x = torch.randn(4, model.config.d_model, dtype=QuantSpec(variant).compute_dtype)
-        reference = x.float() @ model.lm_head.weight.dequantize().float().T  # the head's forward path
-        assert torch.allclose(model.lm_head(x).float(), reference, rtol=0.02, atol=0.02 * float(reference.abs().max()))
+        for name, linear in model.named_modules():  # each one's forward: the CPU kernels on their own packing
+            if isinstance(linear, torch.nn.Linear):
+                x = torch.randn(4, linear.in_features, dtype=QuantSpec(variant).compute_dtype)
+                reference = x.float() @ linear.weight.dequantize().float().T
+                assert torch.allclose(linear(x).float(), reference, rtol=0.02,
+                                      atol=0.02 * float(reference.abs().max())), f"{variant} {name}"
 
 
 def test_load_model_gives_the_quantized_model_and_it_generates(quantized):
@@ -138,6 +141,9 @@ def test_load_model_gives_the_quantized_model_and_it_generates(quantized):
         assert all(hasattr(model.get_submodule(n.removesuffix(".weight")).weight, "qdata")
                    for n in json.loads((path / QUANT_FILE).read_text())["quantized"])
         assert model.lm_head.weight is model.tok_embeddings.weight
+        ids = torch.tensor([tok.encode("ROMEO:\nWhat say you, my lord? 1234")])
+        with torch.no_grad(), torch_threads(1):
+            assert torch.equal(model(ids)[0], in_memory(ids)[0]), f"{variant}: loading changed the model"
         with torch_threads(1):
             loaded = Engine(model, tok).generate(PROMPTS, params)
             expected = Engine(in_memory, tok).generate(PROMPTS, params)
