@@ -95,7 +95,7 @@ VARIANTS = ("int8", "int4")
 QUANT_FILE = "quantization.json"
 PARTS = ("qdata", "scale", "zero_point")
 BITS = {"int8": 8, "int4": 4}
-COMPUTE_DTYPE = {"int8": torch.bfloat16, "int4": torch.bfloat16}  # what the CPU int8 and int4 kernels take
+COMPUTE_DTYPE = torch.bfloat16  # activations: what the CPU int8 and int4 kernels take
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class QuantSpec:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPE[self.variant]
+        return COMPUTE_DTYPE
 
     def block(self, in_features: int) -> int:
         """Inputs sharing one scale: the whole row for int8, a group for int4."""
