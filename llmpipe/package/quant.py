@@ -361,7 +361,9 @@ def _weight_parts(file: Path, tensors: dict[str, torch.Tensor], name: str, shape
         if tuple(tensor.shape) != want_shape or tensor.dtype != want_dtype:
             raise UserError(f"{file}: {key!r} is {tensor.dtype} {tuple(tensor.shape)}, expected {want_dtype} "
                             f"{want_shape} for {spec.variant}; rerun the quantize stage")
-        parts.append(tensor)
+        # a fresh copy: safetensors hands out views into one buffer at the file's offsets, which need not
+        # be 64-byte aligned, and aten._weight_int8pack_mm (AVX loads) segfaults on a misaligned weight
+        parts.append(tensor.clone())
     qdata, scale, zero_point = parts
     return (unpack_int4(qdata) if spec.variant == "int4" else qdata), scale, zero_point
 
