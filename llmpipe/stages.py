@@ -128,6 +128,16 @@ STAGES: dict[str, StageSpec] = {
                   outputs={"eval": "data/eval"}, persist=False,
                   code=("llmpipe/evaluate", "llmpipe/serve", "llmpipe/model", "llmpipe/train/checkpoint.py",
                         "llmpipe/tokenizer", *SHARED_CODE)),
+        StageSpec("quantize", "llmpipe.package.quantize:QuantizeConfig", "llmpipe.package.quantize:run",
+                  "int8/int4 weights (torchao), a Hugging Face directory and GGUF files, each measured",
+                  inputs={"eval": "data/eval", "tokenizer": "models/tokenizer", "pretrain": "models/pretrain",
+                          "sft": "models/sft", "dpo": "models/dpo"},
+                  outputs={"quantized": "models/quantized", "hf": "models/export/hf", "gguf": "models/export/gguf"},
+                  persist=False,
+                  code=("llmpipe/package/quantize.py", "llmpipe/package/quant.py", "llmpipe/package/export_hf.py",
+                        "llmpipe/package/hf_tokenizer.py", "llmpipe/package/export_gguf.py",
+                        "llmpipe/evaluate", "llmpipe/serve",
+                        "llmpipe/model", "llmpipe/train/checkpoint.py", "llmpipe/tokenizer", *SHARED_CODE)),
     ]
 }
 

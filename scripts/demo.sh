@@ -14,5 +14,8 @@ for stage in sft dpo; do
   sed -n '/=== step/h; /=== step/!H; ${x;p}' "models/$stage/samples.txt"
 done
 echo
+echo "Quantized and exported (models/quantized/report.md; Hugging Face: models/export/hf; llama.cpp: models/export/gguf):"
+sed -n '/^| variant/,/^$/p' models/quantized/report.md
+echo
 echo "Next: 'source .venv/bin/activate', then 'dvc metrics show', 'dvc plots show',"
 echo "and 'mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db' for every run, metric and report."

@@ -35,6 +35,7 @@ E2E_OVERRIDES: dict = {
     "chat_data": {"max_tokens": 64},
     "sft": FINETUNE, "dpo": FINETUNE,
     "evaluate": {"limit": 8, "batch_size": 8},
+    "quantize": {"speed": {"new_tokens": 8, "repeats": 1}},
 }
 
 
@@ -138,6 +139,41 @@ def test_dvc_repro_evaluates_every_model_on_decontaminated_local_tasks(project: 
     assert "| metric | pretrain | sft | dpo |" in report and (project / "data" / "eval" / "scores.png").exists()
     [run] = _stage_runs(project, "evaluate")
     assert run.data.metrics["eval/sft/llmpipe_bpb/bits_per_byte"] == metrics["eval/sft/llmpipe_bpb/bits_per_byte"]
+
+
+def test_dvc_repro_quantizes_and_exports_the_dpo_model(project: Path):
+    import gguf
+    import transformers
+
+    from llmpipe.serve.engine import Engine
+    from llmpipe.serve.load import load_model
+    from llmpipe.serve.sampling import SamplingParams
+
+    metrics = json.loads((project / "metrics" / "quantize.json").read_text())
+    assert metrics["quantize/int8/size_ratio"] <= 0.3 and metrics["quantize/int4/size_ratio"] <= 0.18
+    for variant in ("fp32", "int8", "int4"):
+        assert 0 < metrics[f"quantize/{variant}/bpb"] < 20 and metrics[f"quantize/{variant}/tokens_per_s"] > 0
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["quantize"]
+    assert {o["path"] for o in lock["outs"] if o.get("md5")} == {"models/quantized", "models/export/hf",
+                                                                 "models/export/gguf"}
+    model, tok, info = load_model(project / "models" / "quantized" / "int4")
+    assert info.path.endswith("int4")
+    [reply] = Engine(model, tok).generate(["ROMEO:"], SamplingParams(temperature=0, max_new_tokens=4))
+    assert reply.completion_tokens >= 1
+    hf = transformers.AutoModelForCausalLM.from_pretrained(project / "models" / "export" / "hf")
+    assert hf.config.model_type == "llama"
+    files = sorted(p.name for p in (project / "models" / "export" / "gguf").iterdir())
+    assert files == ["dpo-f16.gguf", "dpo-q8_0.gguf"]
+    reader = gguf.GGUFReader(project / "models" / "export" / "gguf" / "dpo-q8_0.gguf")
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "llama"
+    report = (project / "models" / "quantized" / "report.md").read_text()
+    assert "| int8 |" in report and "| int4 |" in report
+    [run] = _stage_runs(project, "quantize")
+    from llmpipe.tracking import configure_mlflow
+
+    artifacts = {a.path for a in configure_mlflow(project).MlflowClient().list_artifacts(run.info.run_id, "quantize")}
+    assert {"quantize/report.md", "quantize/quantize.png"} <= artifacts
+    assert run.data.metrics["quantize/int8/bpb"] == metrics["quantize/int8/bpb"]
 
 
 def test_dvc_repro_twice_runs_nothing(project: Path):
