@@ -102,6 +102,18 @@ def clean_stale_temps(directory: Path) -> int:
     return removed
 
 
+def remove_temp_leftovers(*finals: Path) -> None:
+    """Remove the temp siblings that `atomic_path` left for `finals` in a run killed mid-write (SIGKILL
+    leaves no chance to clean up). Unlike clean_stale_temps, only these outputs' own: their parent
+    (models/, data/) is shared with other stages' outputs."""
+    for final in map(Path, finals):
+        for leftover in final.parent.glob(f".tmp-{final.name}-*"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 # -- completion markers ---------------------------------------------------------------------------
 
 def marker_path(output: Path) -> Path:

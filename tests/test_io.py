@@ -70,3 +70,16 @@ def test_hash_tree_sees_names_and_contents(tmp_path: Path):
 def test_write_json_atomic_roundtrip(tmp_path: Path):
     write_json_atomic(tmp_path / "m.json", {"b": 1, "a": 2.5})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 2.5, "b": 1}
+
+
+def test_temp_leftovers_of_a_killed_write_are_removed_and_nothing_else(tmp_path: Path):
+    from llmpipe.io import remove_temp_leftovers
+
+    final = tmp_path / "quantized"
+    (tmp_path / ".tmp-quantized-1a2b3c4d" / "int8").mkdir(parents=True)  # a directory write cut short
+    (tmp_path / ".tmp-quantized-5e6f7a8b").write_text("partial")  # a file write cut short
+    keep = [tmp_path / ".tmp-quantized_other-1a2b3c4d", tmp_path / "quantized-old", final]
+    for path in keep:
+        path.mkdir()
+    remove_temp_leftovers(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)

@@ -24,7 +24,6 @@ never holds part of a run, and the same inputs give the same bytes.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from llmpipe.finetune.conversations import (DEFAULT_SOURCE, ConversationSource, 
                                             read_conversations)
 from llmpipe.finetune.preferences import (DEFAULT_PREFERENCES, Pair, PreferenceSource, read_pairs,
                                           relevance_pairs)
-from llmpipe.io import atomic_path, write_json_atomic
+from llmpipe.io import atomic_path, remove_temp_leftovers, write_json_atomic
 from llmpipe.tokenizer.encode import is_val
 from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
 
@@ -251,8 +250,7 @@ def build_dpo(cfg: ChatDataConfig, ctx: StageContext, tok: Tokenizer, valid: dic
 def run(cfg: ChatDataConfig, ctx: StageContext) -> dict[str, float]:
     tok = Tokenizer.load(ctx.input("tokenizer"))
     out = ctx.output("chat")
-    for leftover in out.parent.glob(f".tmp-{out.name}-*"):  # of a killed run
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_temp_leftovers(out)
     sft, sft_counts, valid = build_sft(cfg, ctx, tok)
     dpo, dpo_counts = build_dpo(cfg, ctx, tok, valid)
     with atomic_path(out) as tmp:

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from llmpipe.config import StageConfig
 from llmpipe.errors import UserError
-from llmpipe.io import atomic_path, write_text_atomic
+from llmpipe.io import atomic_path, remove_temp_leftovers, write_text_atomic
 
 if TYPE_CHECKING:
     from llmpipe.stages import StageContext
@@ -65,6 +65,7 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> dict[str, float]:
     from llmpipe.train.checkpoint import find_checkpoint
 
     tasks = _bpb_task_dir(ctx.input("eval"))
+    remove_temp_leftovers(*(ctx.output(role) for role in ctx.spec.outputs))
     source = find_checkpoint(ctx.input(cfg.model))
     device = _device(cfg.device)
     model, tok, _ = load_model(source)

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from llmpipe.config import StageConfig
 from llmpipe.errors import UserError
-from llmpipe.io import atomic_path, read_json, sha256_file, write_json_atomic
+from llmpipe.io import atomic_path, read_json, remove_temp_leftovers, sha256_file, write_json_atomic
 from llmpipe.tokenizer import encode, train
 from llmpipe.tokenizer.sentencepiece_bpe import MODEL_FILE, SPECIAL_TOKENS, TOKENIZER_META_FILE, Tokenizer
 from llmpipe.tokenizer.shards import SPLIT_META_FILE
@@ -127,7 +127,7 @@ class ReferenceBPE:
 def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
     """Check the input, train (or reuse) the tokenizer and its yardstick, encode the shards, measure."""
     input_dir, model_dir, tokens_dir = ctx.input("dedup"), ctx.output("tokenizer"), ctx.output("tokens")
-    _remove_temp_dirs_of_killed_runs(model_dir, tokens_dir)
+    remove_temp_leftovers(model_dir, tokens_dir)
     files = _input_files(input_dir)
     source_hash = encode.source_hash(files)
     sample = TrainingSample(files, cfg.val_ratio, cfg.train_max_chars, source=_shown(ctx, input_dir))
@@ -148,12 +148,6 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, float]:
                  metrics["bytes_per_token_val"], metrics.get("ref_bytes_per_token_val", float("nan")),
                  metrics["byte_fallback_rate_val"], metrics["vocab_utilization_val"])
     return metrics
-
-
-def _remove_temp_dirs_of_killed_runs(*outputs: Path) -> None:
-    for output in outputs:
-        for leftover in output.parent.glob(f".tmp-{output.name}-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _input_files(input_dir: Path) -> list[Path]:

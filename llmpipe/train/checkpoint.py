@@ -88,7 +88,9 @@ def save_checkpoint(directory: Path | str, state_dict: dict[str, torch.Tensor], 
     with atomic_path(directory) as tmp:  # temp sibling, renamed into place (replacing an old one) on success
         tmp.mkdir()
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in aliases}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        # one metadata key: safetensors writes its metadata in a Rust HashMap's order, random per process,
+        # so two keys would give two runs different bytes for the same weights
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"aliases": json.dumps(aliases, sort_keys=True)})
         _write_json(tmp / MODEL_CONFIG, model_cfg.to_dict())
         _write_json(tmp / TOKENIZER_REF, tokenizer)
         if trainer_state is not None:
