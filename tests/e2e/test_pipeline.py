@@ -154,8 +154,8 @@ def test_dvc_repro_quantizes_and_exports_the_dpo_model(project: Path):
     for variant in ("fp32", "int8", "int4"):
         assert 0 < metrics[f"quantize/{variant}/bpb"] < 20 and metrics[f"quantize/{variant}/tokens_per_s"] > 0
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["quantize"]
-    assert {o["path"] for o in lock["outs"] if o.get("md5")} == {"models/quantized", "models/export/hf",
-                                                                 "models/export/gguf"}
+    hashed = {o["path"] for o in lock["outs"] if o.get("md5")}
+    assert {"models/quantized", "models/export/hf", "models/export/gguf"} <= hashed
     model, tok, info = load_model(project / "models" / "quantized" / "int4")
     assert info.path.endswith("int4")
     [reply] = Engine(model, tok).generate(["ROMEO:"], SamplingParams(temperature=0, max_new_tokens=4))
