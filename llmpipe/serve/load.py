@@ -8,8 +8,11 @@
     a stage output directory     its final/, else its newest checkpoints/step-* (find_checkpoint)
     a stage name                 "pretrain": that stage's "model" output in the current project
 
-and, once the issues that add them land, a Hugging Face export and a registry `models:/name@alias`
-(both refused today with a message naming what is supported; see `_refuse_unsupported`).
+    a registered version       models:/<name>@<alias> or models:/<name>/<version>: its checkpoint and
+                                 tokenizer, downloaded once into <project>/.llmpipe/registry/ (pyfunc.py)
+
+and, once the issue that adds it lands, a Hugging Face export (refused today with a message naming
+what is supported; see `_refuse_unsupported`).
 
 The tokenizer is the project's (the tokenizer stage's output), or the directory given. It must be
 the one the checkpoint was trained with: its sha256 equals the checkpoint's tokenizer_ref.json hash,
@@ -30,7 +33,8 @@ if TYPE_CHECKING:
     from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
 
 REGISTRY_PREFIX = "models:/"
-SUPPORTED = "a checkpoint directory, a stage output directory (e.g. models/pretrain) or a stage name (e.g. pretrain)"
+SUPPORTED = ("a checkpoint directory, a stage output directory (e.g. models/pretrain), a stage name (e.g. pretrain) "
+             "or a registered version (models:/name@alias, models:/name/N)")
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,11 @@ def load_model(source: str | Path, device: str = "cpu", tokenizer: str | Path | 
     from llmpipe.train.checkpoint import find_checkpoint, read_tokenizer_ref
 
     _refuse_unsupported(source)
-    checkpoint = find_checkpoint(_checkpoint_source(source))
+    if str(source).startswith(REGISTRY_PREFIX):
+        source_dir, tokenizer = _registry_source(str(source), tokenizer)
+    else:
+        source_dir = _checkpoint_source(source)
+    checkpoint = find_checkpoint(source_dir)
     tok_dir = Path(tokenizer) if tokenizer is not None else _project_tokenizer(checkpoint)
     tok = _load_tokenizer(tok_dir)
     _check_tokenizer(checkpoint, read_tokenizer_ref(checkpoint), tok, tok_dir)  # before reading the weights
@@ -78,16 +86,24 @@ def _load_weights(checkpoint: Path, device: str) -> tuple[GPT, Any, dict[str, An
 
 def _refuse_unsupported(source: str | Path) -> None:
     """The sources later issues add: a clear refusal now, in one place to replace then."""
-    text = str(source)
-    if text.startswith(REGISTRY_PREFIX):
-        raise UserError(f"{text}: loading from the model registry ({REGISTRY_PREFIX}name@alias) is not supported yet; "
-                        f"give {SUPPORTED}")
+    if str(source).startswith(REGISTRY_PREFIX):
+        return
     path = Path(source)
     if (path / "config.json").exists() and not (path / "checkpoint.json").exists():
         config = _read_json(path / "config.json")
         if "model_type" in config or "architectures" in config:  # what transformers writes
             raise UserError(f"{path} is a Hugging Face export ({config.get('model_type', 'config.json')}); loading "
                             f"those is not supported yet: give {SUPPORTED}")
+
+
+def _registry_source(uri: str, tokenizer: str | Path | None) -> tuple[Path, str | Path]:
+    """(checkpoint dir, tokenizer dir) of a registered version, cached under the current project;
+    a tokenizer given explicitly wins (and is still checked against the checkpoint)."""
+    from llmpipe.io import project_root
+    from llmpipe.serve.pyfunc import registry_checkpoint  # imports MLflow: only for a registry source
+
+    checkpoint, registered_tokenizer = registry_checkpoint(uri, project_root())
+    return checkpoint, tokenizer if tokenizer is not None else registered_tokenizer
 
 
 def _checkpoint_source(source: str | Path) -> Path:

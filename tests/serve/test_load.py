@@ -1,5 +1,6 @@
 """load_model: a trained checkpoint comes back with its tokenizer, from a path or a stage name; a
-tokenizer it was not trained with, and sources not supported yet, are refused by name."""
+tokenizer it was not trained with, and sources not supported yet, are refused by name (a registry
+source: tests/serve/test_pyfunc.py)."""
 
 import hashlib
 import json
@@ -105,7 +106,6 @@ def test_a_checkpoint_outside_a_project_needs_its_tokenizer_given(project, tmp_p
 
 
 @pytest.mark.parametrize("source, words", [
-    ("models:/tiny@champion", "model registry .* is not supported yet"),
     ("nosuch", "no such directory and no such stage.*stages with a model: pretrain"),
     ("tokenizer", "stage 'tokenizer' produces no model"),
 ])
