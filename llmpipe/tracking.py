@@ -39,6 +39,12 @@ PID_STARTED_TAG = "llmpipe.pid_started"  # the pid's start time, so a reused pid
 PID_NAMESPACE_TAG = "llmpipe.pid_namespace"  # containers sharing a host name do not share pids
 ENDED_BY_TAG = "llmpipe.ended_by"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+# Without this tag MLflow 3's UI opens an experiment in its GenAI view (traces, judges); the value is
+# the UI's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT, its classic view of runs, metrics and datasets.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+INPUT_TAG_PREFIX = "input."  # a run's tag input.<dep path> = the dep's DVC hash
+UNRECORDED = "unrecorded"
 
 
 class Tracker(Protocol):
@@ -129,7 +135,9 @@ def configure_mlflow(root: Path) -> Any:
         except Exception:  # another process created it first
             if client.get_experiment_by_name(name) is None:
                 raise
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose in the UI stays
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return mlflow
 
 
@@ -154,6 +162,7 @@ def tracked_run(root: Path, run_name: str, tags: dict[str, str] | None = None) -
         signal.signal(signal.SIGTERM, _raise_on_sigterm)
     status = "FAILED"
     try:
+        log_data_inputs(mlflow, tags or {})
         yield MLflowTracker(run.info.run_id)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -163,6 +172,34 @@ def tracked_run(root: Path, run_name: str, tags: dict[str, str] | None = None) -
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
         mlflow.end_run(status=status)
+
+
+def data_inputs(tags: dict[str, str]) -> dict[str, str]:
+    """{dep path: DVC hash} of the data a run read, from its input.<path> tags: llmpipe's own code
+    (llmpipe/..., or absolute paths into the installed package) and paths DVC has not hashed are left out."""
+    out = {}
+    for key, digest in tags.items():
+        path = key.removeprefix(INPUT_TAG_PREFIX)
+        if key.startswith(INPUT_TAG_PREFIX) and digest and digest != UNRECORDED \
+                and Path(path).parts[:1] != ("llmpipe",) and not Path(path).is_absolute():
+            out[path] = digest
+    return out
+
+
+def log_data_inputs(mlflow: Any, tags: dict[str, str]) -> None:
+    """Each data input as an MLflow dataset whose digest is its DVC hash: the run page's Dataset
+    column then names what the stage read, and equal digests across runs mean the same bytes."""
+    import json
+
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+
+    inputs = data_inputs(tags)
+    if not inputs:
+        return
+    datasets = [MetaDataset(source=get_dataset_source_from_json(json.dumps({"uri": path}), source_type="local"),
+                            name=path, digest=digest) for path, digest in sorted(inputs.items())]
+    mlflow.log_inputs(datasets=datasets, contexts=["input"] * len(datasets), tags_list=[None] * len(datasets))
 
 
 class Terminated(BaseException):
@@ -268,7 +305,7 @@ def input_hashes(root: Path, stage: str) -> dict[str, str]:
         for out in spec.get("outs") or []:
             rel = (dvc_file.parent / out["path"]).relative_to(root).as_posix()
             known.setdefault(rel, out.get("md5", ""))
-    return {f"input.{dep}": known.get(dep, "unrecorded") for dep in deps}
+    return {f"{INPUT_TAG_PREFIX}{dep}": known.get(dep, UNRECORDED) for dep in deps}
 
 
 def last_runs(root: Path, stages: list[str]) -> dict[str, dict[str, str]]:

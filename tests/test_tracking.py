@@ -152,3 +152,43 @@ def test_runs_of_live_processes_and_of_other_hosts_are_left_alone(project: Path)
         assert len(ended) == 1 and ended[0].startswith("reused")
     finally:
         kill_9(alive)
+
+
+# -- what the MLflow UI shows ---------------------------------------------------------------------
+
+def test_the_experiment_is_tagged_as_model_training_for_the_mlflow_ui(project: Path):
+    from llmpipe.tracking import EXPERIMENT_KIND_TAG
+
+    with tracked_run(project, "clean"):
+        pass
+    experiment = _client(project).get_experiment_by_name("llmpipe")
+    # the value MLflow 3.17's UI maps to its classic runs view (ExperimentKind.CUSTOM_MODEL_DEVELOPMENT)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_a_kind_the_user_chose_is_kept(project: Path):
+    from llmpipe.tracking import EXPERIMENT_KIND_TAG
+
+    client = _client(project)
+    client.set_experiment_tag(client.get_experiment_by_name("llmpipe").experiment_id, EXPERIMENT_KIND_TAG,
+                              "genai_development")
+    with tracked_run(project, "clean"):
+        pass
+    assert _client(project).get_experiment_by_name("llmpipe").tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_a_stage_run_lists_its_data_inputs_as_datasets_with_the_dvc_hashes(project: Path):
+    (project / "dvc.yaml").write_text(
+        "stages:\n  tokenizer:\n    cmd: x\n    deps: [data/dedup, data/extra, llmpipe/tokenizer/train.py]\n")
+    (project / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  dedup:\n    cmd: x\n    outs:\n    - path: data/dedup\n"
+        "      md5: 9bf20e036a45043049e1655693aae268.dir\n"
+        "  tokenizer:\n    cmd: x\n    deps:\n    - path: llmpipe/tokenizer/train.py\n      md5: 0123\n")
+    with tracked_run(project, "tokenizer", {"stage": "tokenizer", **input_hashes(project, "tokenizer")}) as tracker:
+        pass
+    inputs = _client(project).get_run(tracker.run_id).inputs.dataset_inputs
+    # data/extra has no DVC hash yet and the code is not data: neither is a dataset
+    assert [(i.dataset.name, i.dataset.digest, i.dataset.source_type) for i in inputs] == [
+        ("data/dedup", "9bf20e036a45043049e1655693aae268.dir", "local")]
+    assert '"data/dedup"' in inputs[0].dataset.source
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "input"
