@@ -188,6 +188,52 @@ def fetch_demo(dest: Path | None) -> None:
     click.echo(str(root / STAGES["demo"].outputs["archive"]))
 
 
+def _registry(root: Path):
+    """The project's MLflow client and its `promote` settings (params.yaml)."""
+    from llmpipe.config import load_stage_config
+    from llmpipe.package.gate import GateSettings
+    from llmpipe.tracking import configure_mlflow
+
+    return configure_mlflow(root).MlflowClient(), load_stage_config(GateSettings, "promote", root / "params.yaml")
+
+
+@main.command()
+@click.option("--version", "version", type=int, default=None, help="The version to promote. Default: the newest.")
+def promote(version: int | None) -> None:
+    """Move the `production` alias to a registered version if it passes the gate (params.yaml `promote`).
+
+    A refusal changes nothing, prints each failing rule with both values and exits 1.
+    """
+    from llmpipe.package.registry import promote as promote_version
+
+    client, gate = _registry(_root())
+    decision = promote_version(client, gate.registered_model, version, gate)
+    click.echo("\n".join(decision.lines()))
+    if not decision.passed:
+        sys.exit(1)
+
+
+@main.command()
+def rollback() -> None:
+    """Move `production` back to the `previous` version (and `previous` to the one rolled back from)."""
+    from llmpipe.package.registry import rollback as rollback_version
+
+    client, gate = _registry(_root())
+    click.echo("\n".join(rollback_version(client, gate.registered_model).lines()))
+
+
+@main.command()
+def models() -> None:
+    """List the registered versions: aliases, key metrics, lineage; and how to open the MLflow UI."""
+    from llmpipe.package.registry import format_versions, versions_table
+    from llmpipe.tracking import tracking_uri
+
+    root = _root()
+    client, gate = _registry(root)
+    click.echo(f"{gate.registered_model}\n" + format_versions(versions_table(client, gate.registered_model)))
+    click.echo(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri(root)}")
+
+
 # Listed here rather than imported so `llmpipe --help` does not import torch; tests/model/test_planner.py
 # checks these lists against llmpipe.model.config.PRESETS and llmpipe.model.flops.PEAK_BF16_FLOPS.
 PLAN_PRESETS = "tiny, draft, gpt2-124m, 350m, 1b"
