@@ -192,3 +192,20 @@ def test_a_stage_run_lists_its_data_inputs_as_datasets_with_the_dvc_hashes(proje
         ("data/dedup", "9bf20e036a45043049e1655693aae268.dir", "local")]
     assert '"data/dedup"' in inputs[0].dataset.source
     assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "input"
+
+
+def test_a_stage_run_opened_by_run_stage_lists_its_inputs(project: Path, monkeypatch):
+    from llmpipe.config import StageConfig
+    from llmpipe.stages import STAGES, StageSpec, run_stage
+
+    class Spec(StageSpec):  # the real run_stage, with a stage body that reads nothing
+        def load(self):
+            return StageConfig, lambda cfg, ctx: {"n": 1.0}
+
+    monkeypatch.setitem(STAGES, "clean", Spec("clean", "", "", "a test stage"))
+    (project / "params.yaml").write_text("clean: {}\n")
+    (project / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  ingest:\n    cmd: x\n    outs:\n    - path: data/raw\n      md5: abc.dir\n")
+    run_stage("clean", project)
+    run = configure_mlflow(project).search_runs(filter_string="tags.stage = 'clean'", output_format="list")[0]
+    assert [(i.dataset.name, i.dataset.digest) for i in run.inputs.dataset_inputs] == [("data/raw", "abc.dir")]
