@@ -121,6 +121,9 @@ def test_llmpipe_load_model_takes_a_registry_uri(in_registered):
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
     _, _, by_number = load_model(f"models:/{NAME}/{version}")
     assert by_number.path == info.path  # the same cached download
+    newer = mlflow.register_model(f"models:/{NAME}/{version}", NAME).version  # the alias, not the newest, decides
+    assert load_model(f"models:/{NAME}@production")[2].path == info.path
+    assert Path(load_model(f"models:/{NAME}/{newer}")[2].path).is_relative_to(root / ".llmpipe" / "registry" / NAME / str(newer))
 
 
 def test_an_unknown_alias_names_the_registry_and_what_is_in_it(in_registered):
