@@ -113,7 +113,12 @@ def register(client: Any, model_uri: str, name: str, content_sha256: str, metric
 
 
 def read_version(client: Any, name: str, version: int) -> Candidate:
-    mv = client.get_model_version(name, str(version))
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException:
+        raise UserError(f"registered model {name!r} has no version {version}: `llmpipe models` lists them") from None
     metrics = {k[len(METRIC_PREFIX):]: float(v) for k, v in mv.tags.items() if k.startswith(METRIC_PREFIX)}
     return Candidate(name, int(mv.version), mv.tags.get(CONTENT_TAG, ""), metrics, dict(mv.tags))
 

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from llmpipe.cli import main
 from llmpipe.errors import UserError
 from llmpipe.package.gate import GateSettings, Minimums
-from llmpipe.package.registry import (CONTENT_TAG, PROMOTION_TAG, alias_version, promote, register, rollback,
-                                      versions_table)
+from llmpipe.package.registry import (CONTENT_TAG, PROMOTION_TAG, ROLLBACK_TAG, alias_version, promote, register,
+                                      retry_locked, rollback, versions_table)
 from llmpipe.tracking import configure_mlflow
 from tests.helpers import ROOT
 
@@ -134,12 +134,16 @@ def test_rollback_swaps_production_and_previous(client):
     assert result.exit_code == 0, result.output
     assert (alias_version(client, NAME, "production"), alias_version(client, NAME, "previous")) == (v1, v2)
     assert answer(f"models:/{NAME}@production") == "v1"
+    record = json.loads(client.get_model_version(NAME, str(v2)).tags[ROLLBACK_TAG])
+    assert (record["outcome"], record["production_before"], record["production_after"]) == ("rolled back", v2, v1)
 
 
 def test_rollback_without_previous_is_a_user_error(client):
     promote(client, NAME, add_version(client, "v1", bpb=2.0, acc=0.5), GATE)
     with pytest.raises(UserError, match="no version to roll back to"):
         rollback(client, NAME)
+    with pytest.raises(UserError, match="has no version 7"):
+        promote(client, NAME, 7, GATE)
 
 
 def test_models_lists_versions_with_aliases_metrics_and_lineage(client):
@@ -152,6 +156,20 @@ def test_models_lists_versions_with_aliases_metrics_and_lineage(client):
     out = CliRunner().invoke(main, ["models"]).output
     assert "production" in out and f"{BPB} = 1.9" in out and "abc123" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+
+
+def test_registry_writes_wait_out_a_locked_database_but_not_other_errors():
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "written"
+
+    assert retry_locked(locked_twice, wait_s=0) == "written" and len(calls) == 3
+    with pytest.raises(RuntimeError, match="no such table"):
+        retry_locked(lambda: (_ for _ in ()).throw(RuntimeError("no such table")), wait_s=0)
 
 
 KILL_AFTER_FIRST_ALIAS = textwrap.dedent("""
