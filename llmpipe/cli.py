@@ -188,15 +188,6 @@ def fetch_demo(dest: Path | None) -> None:
     click.echo(str(root / STAGES["demo"].outputs["archive"]))
 
 
-def _registry(root: Path):
-    """The project's MLflow client and its `promote` settings (params.yaml)."""
-    from llmpipe.config import load_stage_config
-    from llmpipe.package.gate import GateSettings
-    from llmpipe.tracking import configure_mlflow
-
-    return configure_mlflow(root).MlflowClient(), load_stage_config(GateSettings, "promote", root / "params.yaml")
-
-
 @main.command()
 @click.option("--version", "version", type=int, default=None, help="The version to promote. Default: the newest.")
 def promote(version: int | None) -> None:
@@ -204,10 +195,9 @@ def promote(version: int | None) -> None:
 
     A refusal changes nothing, prints each failing rule with both values and exits 1.
     """
-    from llmpipe.package.registry import promote as promote_version
+    from llmpipe.pipeline import promote as promote_version
 
-    client, gate = _registry(_root())
-    decision = promote_version(client, gate.registered_model, version, gate)
+    decision = promote_version(_root(), version)
     click.echo("\n".join(decision.lines()))
     if not decision.passed:
         sys.exit(1)
@@ -216,21 +206,21 @@ def promote(version: int | None) -> None:
 @main.command()
 def rollback() -> None:
     """Move `production` back to the `previous` version (and `previous` to the one rolled back from)."""
-    from llmpipe.package.registry import rollback as rollback_version
+    from llmpipe.package.registry import project_registry, rollback as rollback_version
 
-    client, gate = _registry(_root())
-    click.echo("\n".join(rollback_version(client, gate.registered_model).lines()))
+    client, name, _ = project_registry(_root())
+    click.echo("\n".join(rollback_version(client, name).lines()))
 
 
 @main.command()
 def models() -> None:
     """List the registered versions: aliases, key metrics, lineage; and how to open the MLflow UI."""
-    from llmpipe.package.registry import format_versions, versions_table
+    from llmpipe.package.registry import format_versions, project_registry, versions_table
     from llmpipe.tracking import tracking_uri
 
     root = _root()
-    client, gate = _registry(root)
-    click.echo(f"{gate.registered_model}\n" + format_versions(versions_table(client, gate.registered_model)))
+    client, name, _ = project_registry(root)
+    click.echo(f"{name}\n" + format_versions(versions_table(client, name)))
     click.echo(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri(root)}")
 
 
@@ -278,7 +268,8 @@ def _model_options(command):
     command = click.option("--draft", default=None, metavar="DIR|STAGE",
                            help="A smaller model on the same tokens: speculative decoding.")(command)
     return click.option("--model", "model", default=None, metavar="DIR|STAGE",
-                        help="A checkpoint or stage output directory, or a stage name. "
+                        help="A checkpoint or stage output directory, a stage name, or a registered version "
+                             "(models:/NAME@ALIAS, models:/NAME/N). "
                              "Default: the project's newest trained model.")(command)
 
 

@@ -148,3 +148,13 @@ def _describe_changes(changes: dict) -> str:
                     names = ", ".join(f"{k} ({v})" for k, v in items.items()) if isinstance(items, dict) else str(items)
                     parts.append(f"{kind}: {names}")
     return "; ".join(parts) or "changed"
+
+
+def promote(root: Path, version: int | None = None):
+    """The gate on a registered version (the newest by default), then the alias moves: what `llmpipe
+    promote` and flows/promote.py both run (llmpipe/package/registry.py). Returns the Decision."""
+    from llmpipe.package.registry import project_registry
+    from llmpipe.package.registry import promote as promote_version
+
+    client, name, gate = project_registry(root)
+    return promote_version(client, name, version, gate)

@@ -129,6 +129,9 @@ def render_params(sources: list[dict[str, Any]] | None) -> str:
         if spec.name == "demo" and sources:
             continue
         sections.append((spec.name, spec.load()[0], spec.summary))
+    from llmpipe.package.gate import GateSettings
+
+    sections.append(("promote", GateSettings, "the gate of `llmpipe promote`: a registered version becomes production"))
     text = ["# llmpipe settings, one section per stage (the same names in dvc.yaml, the CLI, MLflow and",
             "# metrics/). Written by `llmpipe init` with every default; unknown keys are errors.", ""]
     for name, cls, summary in sections:

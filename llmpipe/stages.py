@@ -138,6 +138,16 @@ STAGES: dict[str, StageSpec] = {
                         "llmpipe/package/hf_tokenizer.py", "llmpipe/package/export_gguf.py",
                         "llmpipe/evaluate", "llmpipe/serve",
                         "llmpipe/model", "llmpipe/train/checkpoint.py", "llmpipe/tokenizer", *SHARED_CODE)),
+        # registers in MLflow too (a side effect outside DVC): its output records the version
+        StageSpec("package", "llmpipe.package.package:PackageConfig", "llmpipe.package.package:run",
+                  "the model card, and the quantized model with its exports as a new MLflow registry version",
+                  inputs={"quantized": "models/quantized", "hf": "models/export/hf", "gguf": "models/export/gguf",
+                          "tokenizer": "models/tokenizer", "eval": "data/eval",
+                          "eval_metrics": "metrics/evaluate.json", "quantize_metrics": "metrics/quantize.json"},
+                  outputs={"package": "models/package"}, persist=False,
+                  code=("llmpipe/package/package.py", "llmpipe/package/card.py", "llmpipe/package/registry.py",
+                        "llmpipe/package/quant.py", "llmpipe/serve", "llmpipe/model", "llmpipe/train/checkpoint.py",
+                        "llmpipe/tokenizer", "llmpipe/tracking.py", *SHARED_CODE)),
     ]
 }
 

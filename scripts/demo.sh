@@ -17,5 +17,14 @@ echo
 echo "Quantized and exported (models/quantized/report.md; Hugging Face: models/export/hf; llama.cpp: models/export/gguf):"
 sed -n '/^| variant/,/^$/p' models/quantized/report.md
 echo
-echo "Next: 'source .venv/bin/activate', then 'dvc metrics show', 'dvc plots show',"
-echo "and 'mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db' for every run, metric and report."
+echo "Registered (models/package/registered.json; the model card: models/package/README.md). Promoting it:"
+.venv/bin/llmpipe promote || echo "(not promoted: the rules above say why; see the promote section of params.yaml)"
+echo
+.venv/bin/llmpipe models
+echo
+echo "Next: 'source .venv/bin/activate', then"
+echo "  llmpipe chat --model models:/llmpipe-chat@production        # talk to the production version"
+echo "  mlflow models serve -m models:/llmpipe-chat@production --env-manager local -p 5001   # an HTTP endpoint:"
+echo "  curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\"
+echo "       -d '{\"dataframe_records\": [{\"prompt\": \"ROMEO:\"}], \"params\": {\"max_new_tokens\": 40}}'"
+echo "  dvc metrics show; dvc plots show; mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db"

@@ -22,25 +22,24 @@ from llmpipe.config import StageConfig
 class Minimums(StageConfig):
     """Absolute bounds a first version must meet alone (there is no production version to compare with)."""
 
-    bpb_max: float = Field(5.0, gt=0)
-    """Highest bits per byte accepted on every bpb task."""
-    acc_min: float = Field(0.25, ge=0, le=1)
-    """Lowest accuracy accepted on every accuracy task."""
+    bpb_max: float = Field(5.0, gt=0,
+        description="Highest bits per byte accepted on every bpb task.")
+    acc_min: float = Field(0.25, ge=0, le=1,
+        description="Lowest accuracy accepted on every accuracy task.")
 
 
 class GateSettings(StageConfig):
-    """params.yaml section `promote`: which registered model, and the rules a candidate must pass."""
+    """params.yaml section `promote`: the rules a candidate must pass (the registered model is
+    `package.registered_model`, the one the package stage registers into)."""
 
-    registered_model: str = Field("llmpipe-chat", min_length=1)
-    """The MLflow registered model whose versions are promoted (the package stage registers into it)."""
-    max_bpb_regression: float = Field(0.01, ge=0)
-    """Relative: the candidate's bits per byte may be at most this fraction above production's (0.01 = 1%)."""
-    max_accuracy_drop: float = Field(0.02, ge=0, le=1)
-    """Absolute points: no task accuracy may fall more than this below production's (0.02 = 2 points)."""
-    max_contamination: float = Field(0.9, ge=0, le=1)
-    """Highest fraction of an eval task's items found in the training data (decontamination/<task>/fraction)."""
-    minimums: Minimums = Minimums()
-    """What the first version must reach to become `production`."""
+    max_bpb_regression: float = Field(0.01, ge=0,
+        description="Relative: the candidate's bits per byte may be at most this fraction above production's (0.01 = 1%).")
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1,
+        description="Absolute points: no task accuracy may fall more than this below production's (0.02 = 2 points).")
+    max_contamination: float = Field(0.9, ge=0, le=1,
+        description="Highest fraction of an eval task's items found in the training data (decontamination/<task>/fraction).")
+    minimums: Minimums = Field(default_factory=Minimums,
+                               description="what the first version must reach alone to become production")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -94,6 +95,26 @@ def _versions(client: Any, name: str) -> list[Any]:
     return sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
 
 
+def project_registry(root: Path) -> tuple[Any, str, GateSettings]:
+    """The project's MLflow client, its registered model's name (`package.registered_model`) and the
+    `promote` gate, from params.yaml."""
+    from llmpipe.config import load_stage_config
+    from llmpipe.package.package import PackageConfig
+    from llmpipe.tracking import configure_mlflow
+
+    params = root / "params.yaml"
+    name = load_stage_config(PackageConfig, "package", params).registered_model
+    return configure_mlflow(root).MlflowClient(), name, load_stage_config(GateSettings, "promote", params)
+
+
+def find_version(client: Any, name: str, content_sha256: str) -> int | None:
+    """The version of `name` that holds this content, if one does (checked before logging it again)."""
+    for existing in _versions(client, name):
+        if existing.tags.get(CONTENT_TAG) == content_sha256:
+            return int(existing.version)
+    return None
+
+
 def register(client: Any, model_uri: str, name: str, content_sha256: str, metrics: dict[str, float],
              tags: dict[str, str]) -> tuple[int, bool]:
     """Register `model_uri` as a new version of `name`, unless a version holds the same content.
@@ -103,9 +124,9 @@ def register(client: Any, model_uri: str, name: str, content_sha256: str, metric
     """
     import mlflow
 
-    for existing in _versions(client, name):
-        if existing.tags.get(CONTENT_TAG) == content_sha256:
-            return int(existing.version), False
+    existing = find_version(client, name, content_sha256)
+    if existing is not None:
+        return existing, False
     version_tags = {**tags, CONTENT_TAG: content_sha256,
                     **{METRIC_PREFIX + k: repr(float(v)) for k, v in metrics.items()}}
     created = retry_locked(lambda: mlflow.register_model(model_uri, name, tags=version_tags))
@@ -139,7 +160,7 @@ def _newest(client: Any, name: str) -> int:
     versions = _versions(client, name)
     if not versions:
         raise UserError(f"registered model {name!r} has no versions: run the package stage first "
-                        f"(`dvc repro package`), or set promote.registered_model in params.yaml")
+                        f"(`dvc repro package`), or set package.registered_model in params.yaml")
     return int(versions[-1].version)
 
 

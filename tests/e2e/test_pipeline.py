@@ -36,6 +36,8 @@ E2E_OVERRIDES: dict = {
     "sft": FINETUNE, "dpo": FINETUNE,
     "evaluate": {"limit": 8, "batch_size": 8},
     "quantize": {"speed": {"new_tokens": 8, "repeats": 1}},
+    # a model of a few steps is no better than chance: the e2e checks the moves, not the demo's minimums
+    "promote": {"minimums": {"bpb_max": 50.0, "acc_min": 0.0}},
 }
 
 
@@ -174,6 +176,48 @@ def test_dvc_repro_quantizes_and_exports_the_dpo_model(project: Path):
     artifacts = {a.path for a in configure_mlflow(project).MlflowClient().list_artifacts(run.info.run_id, "quantize")}
     assert {"quantize/report.md", "quantize/quantize.png"} <= artifacts
     assert run.data.metrics["quantize/int8/bpb"] == metrics["quantize/int8/bpb"]
+
+
+def test_dvc_repro_registers_a_version_that_promote_makes_production_and_serves(project: Path, monkeypatch,
+                                                                                 prefect_server):
+    import subprocess
+    import sys
+
+    from flows.promote import promote
+
+    from llmpipe.serve.engine import Engine
+    from llmpipe.serve.load import load_model
+    from llmpipe.serve.sampling import SamplingParams
+    from llmpipe.tracking import configure_mlflow
+
+    registered = json.loads((project / "models" / "package" / "registered.json").read_text())
+    assert registered["name"] == "llmpipe-chat" and registered["version"] == 1 and registered["created"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    dpo_hash = next(o["md5"] for o in lock["dpo"]["outs"] if o["path"] == "models/dpo")
+    card = (project / "models" / "package" / "README.md").read_text()
+    assert dpo_hash in card
+    client = configure_mlflow(project).MlflowClient()
+    version = client.get_model_version("llmpipe-chat", "1")
+    assert version.tags["lineage.models/dpo"] == dpo_hash and version.tags["quantization.variant"] == "int8"
+    assert "metric.eval/dpo/llmpipe_bpb/bits_per_byte" in version.tags
+
+    decision = promote(root=str(project))  # the promote flow: the first version, on the minimums alone
+    assert decision["outcome"] == "promoted" and decision["production_after"] == 1
+    assert client.get_model_version_by_alias("llmpipe-chat", "production").version == "1"
+    assert json.loads(client.get_model_version("llmpipe-chat", "1").tags["llmpipe.promotion"])["outcome"] == "promoted"
+    llmpipe = str(Path(sys.executable).parent / "llmpipe")
+    listed = subprocess.run([llmpipe, "models"], cwd=project, capture_output=True, text=True, check=True).stdout
+    assert "production" in listed and "mlflow ui --backend-store-uri sqlite:///" in listed
+
+    monkeypatch.chdir(project)
+    model, tok, info = load_model("models:/llmpipe-chat@production")
+    [reply] = Engine(model, tok).generate(["ROMEO:"], SamplingParams(temperature=0, max_new_tokens=4))
+    assert reply.completion_tokens >= 1
+
+    run_dvc(project, "repro", "--force", "package")  # the same content again: no second version
+    again = json.loads((project / "models" / "package" / "registered.json").read_text())
+    assert again["version"] == 1 and not again["created"]
+    assert [v.version for v in client.search_model_versions("name='llmpipe-chat'")] == ["1"]
 
 
 def test_dvc_repro_twice_runs_nothing(project: Path):

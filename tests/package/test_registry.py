@@ -29,9 +29,9 @@ NAME = "llmpipe-chat"
 BPB = "eval/dpo/llmpipe_bpb/bits_per_byte"
 ACC = "eval/dpo/llmpipe_chat_reply/acc"
 CONTAM = "decontamination/llmpipe_bpb/fraction"
-GATE = GateSettings(registered_model=NAME, max_bpb_regression=0.01, max_accuracy_drop=0.02, max_contamination=0.5,
+GATE = GateSettings(max_bpb_regression=0.01, max_accuracy_drop=0.02, max_contamination=0.5,
                     minimums=Minimums(bpb_max=3.0, acc_min=0.3))
-PARAMS = {"promote": GATE.model_dump()}
+PARAMS = {"package": {"registered_model": NAME}, "promote": GATE.model_dump()}
 
 
 class Reply(mlflow.pyfunc.PythonModel):
