@@ -6,7 +6,7 @@ BPB = "eval/dpo/llmpipe_bpb/bits_per_byte"
 ACC = "eval/dpo/llmpipe_chat_reply/acc"
 CONTAM = "decontamination/llmpipe_bpb/fraction"
 GATE = GateSettings(max_bpb_regression=0.01, max_accuracy_drop=0.02, max_contamination=0.5,
-                    minimums=Minimums(bpb_max=3.0, acc_min=0.3))
+                    minimums=Minimums(bpb_max=3.0, acc_min={"llmpipe_chat_reply": 0.3}))
 PRODUCTION = {BPB: 2.0, ACC: 0.5, CONTAM: 0.1}
 
 
@@ -53,3 +53,10 @@ def test_a_metric_production_has_but_the_candidate_lacks_fails():
 
 def test_a_first_version_with_no_eval_metrics_fails():
     assert not all(r.passed for r in check({}, None, GATE))
+
+
+def test_only_the_listed_tasks_have_an_accuracy_floor_and_a_listed_one_must_be_measured():
+    cloze = "eval/dpo/llmpipe_cloze/acc"  # exact-word recall: near 0 for a small model, no floor listed
+    assert not failing(check({BPB: 2.9, ACC: 0.31, cloze: 0.02, CONTAM: 0.0}, None, GATE))
+    rules = check({BPB: 2.9, cloze: 0.02, CONTAM: 0.0}, None, GATE)
+    assert [r.name for r in rules if not r.passed] == ["eval/<model>/llmpipe_chat_reply/acc measured"]

@@ -30,7 +30,7 @@ BPB = "eval/dpo/llmpipe_bpb/bits_per_byte"
 ACC = "eval/dpo/llmpipe_chat_reply/acc"
 CONTAM = "decontamination/llmpipe_bpb/fraction"
 GATE = GateSettings(max_bpb_regression=0.01, max_accuracy_drop=0.02, max_contamination=0.5,
-                    minimums=Minimums(bpb_max=3.0, acc_min=0.3))
+                    minimums=Minimums(bpb_max=3.0, acc_min={"llmpipe_chat_reply": 0.3}))
 PARAMS = {"package": {"registered_model": NAME}, "promote": GATE.model_dump()}
 
 
