@@ -207,7 +207,7 @@ def _how_to_load(root: Path, registered_name: str) -> str:
     return (
         "## How to load it\n\n"
         f"With llmpipe (from the registry, or `--model <checkpoint dir>`):\n\n```bash\n"
-        f"llmpipe chat --model {uri}\nllmpipe generate --model {uri} \"ROMEO:\"\n"
+        f"llmpipe chat --model {uri}\nllmpipe generate --model {uri} --prompt \"ROMEO:\"\n"
         f"mlflow models serve -m {uri} --env-manager local   # POST /invocations\n```\n\n"
         f"With transformers, from the Hugging Face export (the `hf` artifact, `{HF_EXPORT}` in the project):\n\n"
         f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
