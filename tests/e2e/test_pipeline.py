@@ -214,7 +214,7 @@ def test_dvc_repro_registers_a_version_that_promote_makes_production_and_serves(
     [reply] = Engine(model, tok).generate(["ROMEO:"], SamplingParams(temperature=0, max_new_tokens=4))
     assert reply.completion_tokens >= 1
 
-    run_dvc(project, "repro", "--force", "package")  # the same content again: no second version
+    run_dvc(project, "repro", "--force", "--single-item", "package")  # the same content again: no new version
     again = json.loads((project / "models" / "package" / "registered.json").read_text())
     assert again["version"] == 1 and not again["created"]
     assert [int(v.version) for v in client.search_model_versions("name='llmpipe-chat'")] == [1]
