@@ -224,7 +224,8 @@ def init_project(dest: Path, source_paths: list[str]) -> Path:
     update_dvc_yaml(dest)
     named = ", ".join(s["path"] for s in sources) if sources else "the demo corpus, fetched by the demo stage"
     (dest / "README.md").write_text(README.format(name=dest.name, sources=named), encoding="utf-8")
-    (dest / ".gitignore").write_text("/mlruns/\n.tmp-*\n__pycache__/\n", encoding="utf-8")
+    # the MLflow store, killed writes, and the registry download cache of models:/ sources
+    (dest / ".gitignore").write_text("/mlruns/\n.tmp-*\n__pycache__/\n/.llmpipe/\n", encoding="utf-8")
     _run(dest, ["git", "init", "-q"])
     _run(dest, [_dvc(), "init", "-q"])
     _run(dest, [_dvc(), "config", "core.analytics", "false"])

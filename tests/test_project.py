@@ -47,6 +47,10 @@ def test_generated_params_validate_for_every_stage(tmp_path: Path, sources):
     assert ("demo" in stages) == (sources is None)  # a project on its own data has no demo stage
     for name in stages:
         load_config(name, tmp_path)
+    from llmpipe.config import load_stage_config
+    from llmpipe.package.gate import GateSettings
+
+    assert load_stage_config(GateSettings, "promote", tmp_path / "params.yaml") == GateSettings()
     if sources:
         assert stages["ingest"]["deps"][0] == "texts"
         assert read_params(tmp_path / "params.yaml")["ingest"]["sources"] == sources
@@ -60,6 +64,12 @@ def test_init_refuses_an_existing_project_and_a_missing_source(tmp_path: Path):
     (tmp_path / "q" / "dvc.yaml").write_text("stages: {}\n")
     result = CliRunner().invoke(main, ["init", str(tmp_path / "q")])
     assert result.exit_code == 1 and "already holds an llmpipe project" in result.output
+
+
+def test_an_init_project_ignores_the_mlflow_store_temp_writes_and_the_registry_cache(tmp_path: Path):
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert {"/mlruns/", ".tmp-*", "/.llmpipe/"} <= set((tmp_path / "p" / ".gitignore").read_text().splitlines())
 
 
 def _texts(archive: Path, dest: Path) -> Path:
