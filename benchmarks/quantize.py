@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 
 from llmpipe.model import GPT, ModelConfig
 from llmpipe.package.quant import QuantSpec, quantize_model
-from llmpipe.serve.engine import Engine, tokens_per_second
-from llmpipe.serve.sampling import SamplingParams
+from llmpipe.package.quantize import decode_speed
+from llmpipe.serve.engine import Engine
 from llmpipe.tokenizer import Tokenizer
 
 PROMPTS = ["ROMEO:", "The king is dead, and", "Once upon a time,"]
@@ -43,23 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def decode_speed(model: GPT, tok: Tokenizer, device: str, new_tokens: int, repeats: int) -> float:
-    engine = Engine(model, tok, device)
-    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
-    engine.generate(PROMPTS[:1], params)  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started, completions = time.perf_counter(), []
-        for prompt in PROMPTS:
-            completions += engine.generate([prompt], params)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, tokens_per_second(completions, time.perf_counter() - started))
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tok = Tokenizer.load(args.tokenizer)
@@ -73,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   QuantSpec(variant, group_size=args.group_size))
             if args.device != "cpu":  # quantized on CPU, as the stage does
                 model = model.to(args.device)
-            speeds[preset][variant] = decode_speed(model, tok, args.device, args.new_tokens, args.repeats)
+            speeds[preset][variant] = decode_speed(Engine(model, tok, args.device), PROMPTS, args.new_tokens,
+                                                   args.repeats)
             print(f"{preset:<10} {variant:<5} {speeds[preset][variant]:8.1f} tokens/s", flush=True)
     print(f"\nthreads {torch.get_num_threads()}, {args.new_tokens} new tokens x {len(PROMPTS)} prompts, batch 1, "
           f"best of {args.repeats}, device {args.device}")

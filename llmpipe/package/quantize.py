@@ -127,24 +127,33 @@ def _measure(cfg: QuantizeConfig, ctx: StageContext, checkpoint: Path, source: P
 
 
 def tokens_per_s(checkpoint: Path, speed: SpeedSection, device: str) -> float:
-    """Greedy decoding speed of the generation engine on `checkpoint`: the fastest of `repeats` runs."""
-    import torch
-
-    from llmpipe.serve.engine import Engine, tokens_per_second
+    """Greedy decoding speed of the generation engine on `checkpoint`."""
+    from llmpipe.serve.engine import Engine
     from llmpipe.serve.load import load_model
-    from llmpipe.serve.sampling import SamplingParams
 
     model, tok, _ = load_model(checkpoint, device=device)
-    engine = Engine(model, tok, device)
-    params = SamplingParams(temperature=0.0, max_new_tokens=speed.new_tokens)
-    engine.generate([speed.prompt], params)  # warm-up: first-call allocations are not decoding speed
+    return decode_speed(Engine(model, tok, device), [speed.prompt], speed.new_tokens, speed.repeats)
+
+
+def decode_speed(engine, prompts: list[str], new_tokens: int, repeats: int) -> float:
+    """Greedy tokens/s of `engine`, one prompt at a time (batch 1): the fastest of `repeats` passes over
+    `prompts` after a warm-up (first-call allocations are not decoding speed). benchmarks/quantize.py too."""
+    import torch
+
+    from llmpipe.serve.engine import tokens_per_second
+    from llmpipe.serve.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
+    cuda = engine.device.type == "cuda"
+    engine.generate(prompts[:1], params)
     best = 0.0
-    for _ in range(speed.repeats):
-        if device == "cuda":
+    for _ in range(repeats):
+        if cuda:
             torch.cuda.synchronize()
-        started = time.perf_counter()
-        completions = engine.generate([speed.prompt], params)
-        if device == "cuda":
+        started, completions = time.perf_counter(), []
+        for prompt in prompts:
+            completions += engine.generate([prompt], params)
+        if cuda:
             torch.cuda.synchronize()
         best = max(best, tokens_per_second(completions, time.perf_counter() - started))
     return best
