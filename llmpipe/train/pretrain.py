@@ -79,14 +79,23 @@ def resolve_config(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
     """params.yaml's section -> the plain JSON the worker reads (no pydantic there)."""
     tokens, tokenizer = ctx.input("tokens"), ctx.input("tokenizer")
     meta = _token_meta(tokens / "train", tokenizer)
-    sizes = {k: getattr(cfg, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")}
-    model = ModelConfig.from_preset(cfg.preset, meta["vocab_size"], max_seq_len=cfg.seq_len,
-                                    attn_backend=cfg.attn_backend, **sizes)
+    model = model_config(cfg, meta["vocab_size"])
     train_settings = cfg.train_settings()
     return {"root": str(ctx.root.resolve()), "train_dir": _relative(ctx, tokens / "train"),
             "val_dir": _relative(ctx, tokens / "val"), "tokenizer_dir": _relative(ctx, tokenizer),
             "out_dir": _relative(ctx, ctx.output("model")), "device": cfg.device, "model": model.to_dict(),
             "train": train_settings, "sample_prompt": cfg.sample_prompt, "code": ctx.code_fingerprint}
+
+
+# the section's keys that override a field of the preset's ModelConfig (None keeps the preset's)
+MODEL_OVERRIDES = ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")
+
+
+def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:
+    """The model the section describes: its preset, its overrides, a context of seq_len."""
+    sizes = {k: getattr(cfg, k) for k in MODEL_OVERRIDES}
+    return ModelConfig.from_preset(cfg.preset, vocab_size, max_seq_len=cfg.seq_len, attn_backend=cfg.attn_backend,
+                                   **sizes)
 
 
 def _token_meta(train_dir: Path, tokenizer_dir: Path) -> dict[str, Any]:
