@@ -28,11 +28,17 @@ from llmpipe.errors import UserError  # standard library only, like this module
 
 HEAD_DIM = 64  # every preset uses 64-wide heads; width must be a multiple of it
 ATTN_BACKENDS = ("auto", "flash_attn", "sdpa", "math")
+MLPS = ("swiglu", "relu2")
 
 
 def swiglu_hidden(d_model: int, multiple_of: int = 64) -> int:
     """8/3 * d_model rounded up to `multiple_of`: the SwiGLU MLP then costs what a 4x GELU MLP costs."""
     return multiple_of * math.ceil(8 * d_model / 3 / multiple_of)
+
+
+def default_hidden(mlp: str, d_model: int) -> int:
+    """The MLP width that costs what a 4x two-matrix MLP costs: 8/3 x for SwiGLU's three matrices, 4 x for relu^2."""
+    return swiglu_hidden(d_model) if mlp == "swiglu" else 4 * d_model
 
 
 @dataclass(kw_only=True)
@@ -42,20 +48,25 @@ class ModelConfig:
     n_head: int
     n_kv_head: int | None = None  # None -> n_head (MHA); a divisor of n_head gives grouped-query attention
     d_model: int
-    mlp_hidden: int | None = None  # None -> swiglu_hidden(d_model)
+    mlp_hidden: int | None = None  # None -> default_hidden(mlp, d_model)
+    mlp: str = "swiglu"  # swiglu (Llama) | relu2: relu(x)^2, two matrices (Primer, modded-nanogpt)
     max_seq_len: int = 1024
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     qk_norm: bool = False  # RMSNorm on q and k per head, before RoPE (Qwen3 / OLMo-2 style)
+    logit_softcap: float | None = None  # logits = c * tanh(logits / c) (Gemma 2); None: off
+    zero_init_proj: bool = False  # wo and w_down start at zero: each block starts as the identity (modded-nanogpt)
     attn_backend: str = "auto"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.mlp not in MLPS:
+            raise UserError(f"invalid ModelConfig: mlp {self.mlp!r} is not one of {', '.join(MLPS)}")
         if self.mlp_hidden is None:
-            self.mlp_hidden = swiglu_hidden(self.d_model)
+            self.mlp_hidden = default_hidden(self.mlp, self.d_model) if isinstance(self.d_model, int) else None
         problems = []
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "mlp_hidden", "max_seq_len"):
             value = getattr(self, name)
@@ -74,6 +85,8 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            problems.append(f"logit_softcap must be > 0 (or null: off), got {self.logit_softcap!r}")
         if problems:
             raise UserError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -86,7 +99,7 @@ class ModelConfig:
         """Parameters of one transformer block."""
         d, q = self.d_model, self.head_dim
         attn = d * self.n_head * q * 2 + d * self.n_kv_head * q * 2  # wq, wo + wk, wv
-        mlp = 3 * d * self.mlp_hidden  # w_gate, w_up, w_down
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * self.mlp_hidden  # (w_gate,) w_up, w_down
         norms = 2 * d + (2 * q if self.qk_norm else 0)
         return attn + mlp + norms
 

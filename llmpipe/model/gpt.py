@@ -1,7 +1,8 @@
 """The GPT: a decoder-only transformer in the Llama layout.
 
 Pre-norm RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, no biases,
-optional tied embeddings and optional QK-norm. Read top to bottom: RMSNorm, rotary, Attention,
+optional tied embeddings and optional QK-norm. Recipe options outside the Llama layout (a relu^2
+MLP, logit soft-capping) train and generate here but do not export to Hugging Face or GGUF. Read top to bottom: RMSNorm, rotary, Attention,
 MLP, Block, GPT.
 
 Parameter names map one to one onto Hugging Face `LlamaForCausalLM` (see `hf.py`), with no
@@ -97,13 +98,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x); relu2: w_down(relu(w_up x)^2), no gate (Primer)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w_gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False) if cfg.mlp == "swiglu" else None
         self.w_up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
         self.w_down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w_gate is None:
+            return self.w_down(F.relu(self.w_up(x)).square())  # (B, T, F) -> (B, T, C)
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))  # (B, T, F) -> (B, T, C)
 
 
@@ -149,7 +154,9 @@ class GPT(nn.Module):
 
         Call it after `to_empty(device=...)` when the model was built on the meta device (FSDP).
         Weights ~ N(0, init_std); the two projections that write into the residual stream (wo, w_down)
-        use init_std / sqrt(2 * n_layer) so the residual's variance does not grow with depth (GPT-2).
+        use init_std / sqrt(2 * n_layer) so the residual's variance does not grow with depth (GPT-2),
+        or start at zero with `zero_init_proj` (every block then starts as the identity, and the
+        gradient still reaches the other weights through the residual stream).
         """
         cfg = self.config
         device = self.tok_embeddings.weight.device
@@ -159,7 +166,10 @@ class GPT(nn.Module):
             if p.ndim == 1:  # norm gains
                 nn.init.ones_(p)
             elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
-                nn.init.normal_(p, mean=0.0, std=residual_std)
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=residual_std)
             else:
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std)
 
@@ -239,6 +249,9 @@ class GPT(nn.Module):
 
     def _head(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if self.config.logit_softcap is not None:  # smooth bound |logit| < cap (in fp32: tanh saturates early in bf16)
+            cap = self.config.logit_softcap
+            logits = (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)
         if targets is None:
             return logits, None
         B, T = targets.shape

@@ -40,6 +40,18 @@ def hf_llama_name(name: str) -> str:
     raise ValueError(f"no Hugging Face Llama name for parameter {name!r}")
 
 
+def llama_incompatibilities(cfg: ModelConfig) -> list[str]:
+    """What in `cfg` the Llama layout (Hugging Face LlamaForCausalLM, llama.cpp's `llama`) cannot hold."""
+    found = []
+    if cfg.qk_norm:
+        found.append("QK-norm (qk_norm: true)")
+    if cfg.mlp != "swiglu":
+        found.append(f"a {cfg.mlp} MLP (mlp: {cfg.mlp}; Llama's is swiglu)")
+    if cfg.logit_softcap is not None:
+        found.append(f"logit soft-capping (logit_softcap: {cfg.logit_softcap})")
+    return found
+
+
 def hf_llama_config(cfg: ModelConfig) -> dict:
     """Keyword arguments for transformers.LlamaConfig describing the same network (qk_norm excluded:
     Llama has none; such a model exports as Qwen3, whose other fields match these)."""

@@ -52,6 +52,7 @@ def export_gguf(checkpoint: Path, tokenizer, out_path: Path, file_type: str) -> 
     Tokenizer it was trained with) as a GGUF file of `file_type` at `out_path`; returns `out_path`."""
     import gguf
 
+    from llmpipe.model.hf import llama_incompatibilities
     from llmpipe.package.quant import QUANT_FILE, is_quantized
     from llmpipe.train.checkpoint import (find_checkpoint, load_weights, read_model_config, read_tokenizer_ref,
                                           verify_checkpoint)
@@ -65,10 +66,11 @@ def export_gguf(checkpoint: Path, tokenizer, out_path: Path, file_type: str) -> 
                         f"checkpoint it came from: the q8_0 file type is llama.cpp's own int8")
     verify_checkpoint(checkpoint)
     cfg = read_model_config(checkpoint)
-    if cfg.qk_norm:
-        raise UserError(f"{checkpoint}: the model uses QK-norm (model_config.json qk_norm: true), which "
-                        f"llama.cpp's `llama` architecture does not have, so no GGUF file can hold it; train with "
-                        f"qk_norm false for a GGUF export")
+    missing = llama_incompatibilities(cfg)
+    if missing:
+        raise UserError(f"{checkpoint}: the model uses {', '.join(missing)} (its model_config.json), which "
+                        f"llama.cpp's `llama` architecture does not have, so no GGUF file can hold it; train "
+                        f"without them for a GGUF export")
     _check_tokenizer(checkpoint, read_tokenizer_ref(checkpoint), tokenizer, cfg.vocab_size)
     state = {k: v.float().numpy() for k, v in load_weights(checkpoint).items()}
 

@@ -35,7 +35,7 @@ import torch
 from llmpipe.errors import UserError
 from llmpipe.io import atomic_path
 from llmpipe.model import ModelConfig
-from llmpipe.model.hf import hf_llama_config, hf_llama_name
+from llmpipe.model.hf import hf_llama_config, hf_llama_name, llama_incompatibilities
 from llmpipe.package.hf_tokenizer import write_hf_tokenizer
 from llmpipe.tokenizer.sentencepiece_bpe import Tokenizer
 
@@ -66,9 +66,10 @@ def export_hf(checkpoint: Path, tokenizer: Tokenizer, out_dir: Path) -> Path:
 
 
 def _check_exportable(checkpoint: Path, cfg: ModelConfig, ref: dict, tokenizer: Tokenizer) -> None:
-    if cfg.qk_norm:
-        raise UserError(f"{checkpoint}: the model uses QK-norm (qk_norm: true), which Hugging Face Llama does not "
-                        f"have; export a model trained with qk_norm: false")
+    missing = llama_incompatibilities(cfg)
+    if missing:
+        raise UserError(f"{checkpoint}: the model uses {', '.join(missing)}, which Hugging Face Llama does not "
+                        f"have; export a model trained without them (params.yaml pretrain section)")
     if ref.get("hash") != tokenizer.hash:
         raise UserError(f"{checkpoint} was trained with tokenizer {ref.get('hash')} (its tokenizer_ref.json), not "
                         f"{tokenizer.hash} ({tokenizer.model_file}): export it with the tokenizer it was trained with")

@@ -147,13 +147,14 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_SAVE)
 
 
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return get_optimizer_state_dict(model, optimizer, options=_SAVE)
+def full_optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:
+    """One state dict (keyed by parameter name) for all of `optimizers` (Muon + AdamW save as one)."""
+    return get_optimizer_state_dict(model, optimizers, options=_SAVE)
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(model, state, options=_load_options())
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    set_optimizer_state_dict(model, optimizer, state, options=_load_options())
+def load_optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+    set_optimizer_state_dict(model, optimizers, state, options=_load_options())

@@ -4,8 +4,8 @@ One optimizer step = `accum` micro-batches per rank, so that
     micro_batch x seq_len x world_size x accum = global_batch_tokens
 (for chat data, where rows are padded or packed, that is the step's capacity in tokens).
 Per step: set the scheduled lr, forward/backward each micro-batch under autocast (gradients
-all-reduced only on the last), clip the gradient norm, refuse non-finite loss or norm, AdamW step
-over the trainable parameters only. Every `eval_every` steps: the task's val loss (and bits per
+all-reduced only on the last), clip the gradient norm, refuse non-finite loss or norm, an optimizer
+step (AdamW, or Muon + AdamW: llmpipe/train/optim.py) over the trainable parameters only. Every `eval_every` steps: the task's val loss (and bits per
 byte for text), a short sample per prompt; every `checkpoint_every` steps: an atomic checkpoint.
 SIGTERM finishes the current step, saves, then exits.
 
@@ -40,6 +40,7 @@ from llmpipe.model import GPT, ModelConfig
 from llmpipe.model.flops import detect_peak_flops, mfu
 from llmpipe.train import checkpoint as ckpt
 from llmpipe.train import distributed as ddist
+from llmpipe.train import optim
 from llmpipe.train.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ class TrainConfig:
     global_batch_tokens: int = 4 * 256
     max_steps: int = 800
     lr: float = 2e-3
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW at `lr` for the rest)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     schedule: str = "cosine"
@@ -138,14 +142,18 @@ class Trainer:
         self.aliases = ckpt.tied_aliases(self.module)
         self.trainable_params = sum(p.numel() for p in self.trainable)  # before final/ merges any adapter
         self.net = ddist.wrap(self.module, cfg.distributed, world, compile=cfg.compile)  # what runs forward/backward
-        self.opt = torch.optim.AdamW(self.model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                     fused=self.device.type == "cuda")  # the trainable parameters only
+        self.opt = optim.build(self.model, **self._optimizer_settings(), device=self.device)  # trainable params only
         bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.peak_flops = detect_peak_flops(self.device)
         self.step, self.tokens_seen, self.best_val, self.train_time = 0, 0, math.inf, 0.0
         self.last: dict[str, float] = {}  # latest train/val metrics
         self._stop = False
+
+    def _optimizer_settings(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"optimizer": cfg.optimizer, "lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2),
+                "weight_decay": cfg.weight_decay, "muon_lr": cfg.muon_lr, "muon_momentum": cfg.muon_momentum}
 
     def _load_init(self, path: Path) -> str:
         """Load a checkpoint's weights as the starting point (every rank reads them); returns their sha256."""
@@ -158,8 +166,7 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         lr = self.schedule.lr_at(self.step)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        self.opt.scale_lr(lr / self.cfg.lr)  # every group (Muon's too) follows the one schedule
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for m, batch in enumerate(self.batches.micro_batches(self.step)):
@@ -229,7 +236,7 @@ class Trainer:
     def save(self, val_loss: float | None = None) -> None:
         """Checkpoint the current step (collective: every rank calls it; rank 0 writes)."""
         model_state = ddist.full_model_state(self.module)
-        optim_state = ddist.full_optimizer_state(self.module, self.opt)
+        optim_state = ddist.full_optimizer_state(self.module, self.opt.optimizers)
         if self.world.is_main:
             state = {"step": self.step, "optimizer": optim_state, "schedule": asdict(self.schedule),
                      "rng": ckpt.rng_state(), "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val,
@@ -279,10 +286,8 @@ class Trainer:
         if "error" in info:
             raise UserError(info["error"])
         ddist.load_model_state(self.module, weights)
-        ddist.load_optimizer_state(self.module, self.opt, state.get("optimizer", {}))
-        for group, fresh in zip(self.opt.param_groups, self.model.param_groups(self.cfg.weight_decay)):
-            # the saved groups carry the old hyperparameters: this run's config decides them
-            group.update(weight_decay=fresh["weight_decay"], betas=(self.cfg.beta1, self.cfg.beta2))
+        ddist.load_optimizer_state(self.module, self.opt.optimizers, state.get("optimizer", {}))
+        optim.reset_hyperparameters(self.opt, self.model, **self._optimizer_settings())
         if self.world.is_main:
             ckpt.set_rng_state(state["rng"])
         self.step, self.tokens_seen, self.best_val = info["step"], info["tokens_seen"], info["best_val"]

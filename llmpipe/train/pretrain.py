@@ -58,6 +58,10 @@ class PretrainConfig(TrainSettings):
     n_kv_head: int | None = Field(None, ge=1)
     mlp_hidden: int | None = Field(None, ge=1)
     qk_norm: bool | None = None
+    mlp: Literal["swiglu", "relu2"] | None = Field(None, description="swiglu (Llama; exports) | relu2 (no HF/GGUF export)")
+    logit_softcap: float | None = Field(None, gt=0, description="logits = c tanh(logits / c); null: off (no HF/GGUF export)")
+    zero_init_proj: bool | None = Field(None, description="wo and w_down start at zero")
+    tie_embeddings: bool | None = Field(None, description="lm_head shares the token embedding (the presets: true)")
     attn_backend: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"
     sample_prompt: str = Field("ROMEO:", description="the text each eval's sample continues")
 
@@ -88,7 +92,8 @@ def resolve_config(cfg: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
 
 
 # the section's keys that override a field of the preset's ModelConfig (None keeps the preset's)
-MODEL_OVERRIDES = ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm")
+MODEL_OVERRIDES = ("n_layer", "d_model", "n_head", "n_kv_head", "mlp_hidden", "qk_norm", "mlp", "logit_softcap",
+                   "zero_init_proj", "tie_embeddings")
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int) -> ModelConfig:

@@ -10,7 +10,9 @@ else; for several nodes, start it with torchrun on each (see llmpipe/train/pretr
      "model": {ModelConfig fields}, "train": {TrainConfig fields}, "sample_prompt": "ROMEO:"}
 
 Rank 0 appends per-step metrics to <out_dir>/metrics.jsonl (the stage forwards them to MLflow) and,
-with --result, writes the final metrics (or the user error that stopped the ranks) there.
+with --result, writes the final metrics (or the user error that stopped the ranks) there. The final
+metrics add the final weights' bits per byte over the WHOLE val split (`val_split_bpb`; the periodic
+`val_bpb` reads a fixed sample of `eval_batches` windows).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from llmpipe.train import distributed as ddist
 from llmpipe.train.data import TokenWindows
 from llmpipe.train.launch import report_result
 from llmpipe.train.loop import EvalPrompts, TrainConfig, Trainer
+from llmpipe.train.score import score_split
 from llmpipe.train.task import pretraining_task
 
 if TYPE_CHECKING:
@@ -65,7 +68,11 @@ def train(resolved: dict[str, Any], tracker: Any = None) -> dict[str, float]:
             log.info("model %s params, %d steps of %d tokens (accum %d x %d ranks), device %s",
                      f"{trainer.model.num_params():,}", cfg.max_steps, cfg.global_batch_tokens, trainer.accum,
                      world.world_size, world.device)
-        return trainer.fit()
+        metrics = trainer.fit()
+        # every rank scores (an FSDP2 forward needs all of them); the same figure on each
+        score = score_split(trainer.model, val_split.shards, val_split.meta["num_bytes"], cfg.seq_len,
+                            cfg.micro_batch, world.device, trainer.autocast)
+        return {**metrics, "val_split_bpb": score.bpb, "val_split_loss": score.loss}
     finally:
         ddist.shutdown()
 

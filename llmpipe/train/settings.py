@@ -28,7 +28,10 @@ class TrainSettings(StageConfig):
     max_steps: int = Field(_D.max_steps, ge=1, description="optimizer steps (or give train_tokens instead)")
     train_tokens: int | None = Field(None, ge=1, description="token budget: max_steps = ceil(train_tokens / global batch)")
     # optimizer and schedule
-    lr: float = Field(_D.lr, gt=0)
+    lr: float = Field(_D.lr, gt=0, description="peak learning rate (AdamW's; with muon, of the embedding, head and gains)")
+    optimizer: Literal["adamw", "muon"] = Field(_D.optimizer, description="muon: Muon for the blocks' matrices, AdamW for the rest")
+    muon_lr: float = Field(_D.muon_lr, gt=0, description="muon: peak learning rate of the matrices")
+    muon_momentum: float = Field(_D.muon_momentum, ge=0, lt=1)
     min_lr_ratio: float = Field(_D.min_lr_ratio, ge=0, le=1)
     warmup_steps: int = Field(_D.warmup_steps, ge=0)
     schedule: Literal["cosine", "wsd"] = _D.schedule
