@@ -185,8 +185,8 @@ def llmpipe_step_seconds(setup: Setup) -> float:
     return sum(per_step) / len(per_step)
 
 
-def train_reference(setup: Setup, steps: int) -> tuple[RefGPT, list[float]]:
-    """The nanoGPT recipe on the base section's batches; returns the model and each step's seconds."""
+def train_reference(setup: Setup, steps: int) -> tuple[RefGPT, list[float], int]:
+    """The nanoGPT recipe on the base section's batches: the model, each step's seconds, the tokens trained on."""
     cfg = setup.base
     mcfg = model_config(cfg, setup.vocab_size)
     accum = TrainConfig(**cfg.train_settings()).accum_steps(1)
@@ -198,19 +198,22 @@ def train_reference(setup: Setup, steps: int) -> tuple[RefGPT, list[float]]:
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=setup.ref_lr, betas=(0.9, 0.95),
                             fused=setup.device.type == "cuda")
     schedule = Schedule(setup.ref_lr, steps, min(cfg.warmup_steps, steps), "cosine", 0.1)
-    seconds = []
+    seconds, tokens = [], 0
     for step in range(steps):
         t0 = time.perf_counter()
-        reference_step(net, model, opt, schedule.lr_at(step), batches.micro_batches(step), accum, setup)
+        tokens += reference_step(net, model, opt, schedule.lr_at(step), batches.micro_batches(step), accum, setup)
         seconds.append(time.perf_counter() - t0)
-    return model, seconds
+    return model, seconds, tokens
 
 
 def reference_step(net: Callable, model: RefGPT, opt: torch.optim.Optimizer, lr: float, micro_batches: Any,
-                   accum: int, setup: Setup) -> float:
+                   accum: int, setup: Setup) -> int:
+    """One optimizer step; returns the tokens it trained on."""
     for group in opt.param_groups:
         group["lr"] = lr
+    tokens = 0
     for x, y in micro_batches:
+        tokens += y.numel()
         # contiguous, as nanoGPT's get_batch makes them (its view() needs it; the windows are slices)
         x, y = (t.contiguous().to(setup.device, non_blocking=True) for t in (x, y))
         with setup.autocast():
@@ -219,17 +222,18 @@ def reference_step(net: Callable, model: RefGPT, opt: torch.optim.Optimizer, lr:
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.item()  # waits for the device, as the trainer's step does: the step's time is all in
+    loss.item()  # waits for the device, as the trainer's step does: the step's time is all in
+    return tokens
 
 
 def run_reference(setup: Setup, budget: str, steps: int) -> Run:
-    model, seconds = train_reference(setup, steps)
+    model, seconds, tokens = train_reference(setup, steps)
     bpb = setup.score(model, setup.base.seq_len, setup.base.micro_batch)
-    return Run(budget, REFERENCE, steps, steps * setup.base.global_batch_tokens, sum(seconds), bpb)
+    return Run(budget, REFERENCE, steps, tokens, sum(seconds), bpb)
 
 
 def reference_step_seconds(setup: Setup) -> float:
-    _, seconds = train_reference(setup, CALIBRATION_STEPS)
+    _, seconds, _ = train_reference(setup, CALIBRATION_STEPS)
     timed = seconds[UNTIMED:]
     return sum(timed) / len(timed)
 

@@ -90,13 +90,17 @@ def test_set_overrides_llmpipe_only_and_token_ratio_last(bench, project, capsys)
     lines = capsys.readouterr().out.strip().splitlines()
     table_start = next(i for i, line in enumerate(lines) if line.startswith("budget"))
     rows = [line.split() for line in lines[table_start + 1:table_start + 3]]
-    steps = {row[2]: int(row[-5]) for row in rows}  # model's first word -> steps
-    assert steps == {"reference": 5, "llmpipe": 3}  # 320 tokens: 64 per step as written, 128 with --set
+    trained = {row[2]: (int(row[-5]), int(row[-4].replace(",", ""))) for row in rows}  # model's first word -> steps, tokens
+    # 320 tokens: 64 per step as written (the reference's), 128 with --set (llmpipe's, rounded up to whole steps)
+    assert trained == {"reference": (5, 320), "llmpipe": (3, 384)}
     assert lines[-1].startswith("ratio reference/llmpipe (bits per byte, equal tokens): ")
 
 
 def test_set_unknown_key_is_named(bench, project):
-    with pytest.raises(UserError, match="no_such_key"):
-        bench.main(["--project", str(project), "--set", "no_such_key=1"])
+    tiny = ["--project", str(project), "--budget", "tokens", "--tokens", "64"]  # a broken check costs a step, not minutes
+    with pytest.raises(UserError, match="pretrain.no_such_key"):
+        bench.main([*tiny, "--set", "no_such_key=1"])
+    with pytest.raises(UserError, match="pretrain.lr"):
+        bench.main([*tiny, "--set", "lr=-1"])  # a known key, an invalid value: validated too
     with pytest.raises(UserError, match="KEY=VALUE"):
-        bench.main(["--project", str(project), "--set", "lr"])
+        bench.main([*tiny, "--set", "lr"])
