@@ -274,7 +274,12 @@ def header(setup: Setup, args: argparse.Namespace) -> str:
             f"vocab {setup.vocab_size}; reference batch {setup.base.micro_batch} x {setup.base.seq_len} x accum "
             f"{accum} = {setup.base.global_batch_tokens:,} tokens/step; device {setup.device.type}, "
             f"{'bf16 autocast' if setup.bf16 else 'fp32'}, compile {'on' if setup.base.compile else 'off'}, "
-            f"torch {torch.__version__}; budgets: {args.seconds:g} s, {args.tokens:,} tokens")
+            f"torch {torch.__version__}; budget {budgets(args)}")
+
+
+def budgets(args: argparse.Namespace) -> str:
+    shown = {"time": f"{args.seconds:g} s", "tokens": f"{args.tokens:,} tokens"}
+    return " and ".join(v for k, v in shown.items() if args.budget in (k, "both")) + " per model"
 
 
 def describe(cfg: ModelConfig) -> str:
