@@ -57,3 +57,26 @@ def test_a_muon_run_learns_follows_the_schedule_and_resumes_to_the_same_weights(
     resumed.fit()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_our_muon_in_bf16_is_torchs_muon_bit_for_bit_and_fp32_is_close(nesterov):
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 16), torch.randn(16, 16), torch.randn(16, 40)]  # tall, square, wide
+    runs = {}
+    for name, make in {"torch": lambda ps: torch.optim.Muon(ps, lr=0.02, nesterov=nesterov),
+                       "bf16": lambda ps: optim.Muon(ps, ns_dtype=torch.bfloat16, lr=0.02, nesterov=nesterov),
+                       "fp32": lambda ps: optim.Muon(ps, ns_dtype=torch.float32, lr=0.02, nesterov=nesterov)}.items():
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = make(params)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):  # the momentum buffer matters from the second step on
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs[name] = [p.detach() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]
+    for a, b in zip(runs["torch"], runs["bf16"]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs["torch"], runs["fp32"]):
+        torch.testing.assert_close(a, b, atol=3e-3, rtol=0)  # bf16 keeps ~3 digits of the update
+    assert any(not torch.equal(a, b) for a, b in zip(runs["torch"], runs["fp32"]))  # fp32 really ran
