@@ -51,7 +51,9 @@ class FinetuneSettings(TrainSettings):
     method: Literal["full", "lora"] = Field("full", description="train every weight, or a LoRA adapter only")
     lora: LoraSection = Field(default_factory=LoraSection)
     sample_prompts: list[str] = Field(SAMPLE_PROMPTS, description="user turns answered at each eval (samples.txt)")
-    # fine-tuning takes smaller, fewer steps from weights that already know the language
+    # fine-tuning takes smaller, fewer steps from weights that already know the language; with AdamW,
+    # whose defaults these are (Muon is measured for pretraining only; under LoRA it has no matrix to train)
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="adamw | muon (full fine-tuning only)")
     max_steps: int = Field(150, ge=1, description="optimizer steps")
     lr: float = Field(5e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)

@@ -57,7 +57,7 @@ class TrainConfig:
     global_batch_tokens: int = 4 * 256
     max_steps: int = 800
     lr: float = 2e-3
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW at `lr` for the rest)
+    optimizer: str = "muon"  # muon (Muon for the blocks' matrices, AdamW at `lr` for the rest) | adamw
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1

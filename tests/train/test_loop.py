@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ def golden_run(root: Path) -> dict:
     resolved = resolved_config(root, train={"max_steps": 30, "eval_every": 10, "checkpoint_every": 30})
     result = train(resolved)
     records = [json.loads(line) for line in (root / "models/pretrain/metrics.jsonl").read_text().splitlines()]
-    return {"model": resolved["model"], "train": resolved["train"],
+    # every TrainConfig field, defaults included: a change of the default recipe shows as a setup change
+    return {"model": resolved["model"], "train": asdict(TrainConfig(**resolved["train"])),
             "losses": [r["train/loss"] for r in records if "train/loss" in r],
             "val_losses": [r["val/loss"] for r in records if "val/loss" in r], "final_val_loss": result["val_loss"]}
 
@@ -177,7 +179,7 @@ def test_a_run_can_start_from_a_checkpoints_weights_with_a_fresh_optimizer(tmp_p
     first.fit()
     start = tmp_path / "first" / "final"
     # lr ~ 0: what the run ends with is what it started from, so the start was the checkpoint's weights
-    again = small_trainer(tmp_path / "again", max_steps=2, lr=1e-12, warmup_steps=0)
+    again = small_trainer(tmp_path / "again", max_steps=2, lr=1e-12, muon_lr=1e-12, warmup_steps=0)
     init = Trainer(again.model_cfg, again.cfg, again.task, tmp_path / "again", again.tokenizer_ref, init_from=start)
     assert init.step == 0 and not init.opt.state  # a new run: step 0, no optimizer moments carried over
     init.fit()

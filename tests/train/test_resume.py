@@ -80,7 +80,9 @@ def test_sigkill_after_step_12_then_resume_gives_bit_identical_weights(project):
     # optimizer moments too, not only the weights
     sa = ckpt.load_trainer_state(root / "models/straight/checkpoints/step-000020")["optimizer"]["state"]
     sb = ckpt.load_trainer_state(out / "checkpoints/step-000020")["optimizer"]["state"]
-    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    assert sa.keys() == sb.keys() and all(sa[k].keys() == sb[k].keys() for k in sa)
+    assert {"exp_avg_sq", "momentum_buffer"} <= {n for k in sa for n in sa[k]}  # AdamW's and Muon's state
+    assert all(torch.equal(sa[k][n], sb[k][n]) for k in sa for n in sa[k])
 
 
 @pytest.mark.slow
