@@ -2,7 +2,8 @@
 
 Pre-norm RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, no biases,
 optional tied embeddings and optional QK-norm. Recipe options outside the Llama layout (a relu^2
-MLP, logit soft-capping) train and generate here but do not export to Hugging Face or GGUF. Read top to bottom: RMSNorm, rotary, Attention,
+MLP, logit soft-capping) train and generate here but do not export to Hugging Face or GGUF.
+Read top to bottom: RMSNorm, rotary, Attention,
 MLP, Block, GPT.
 
 Parameter names map one to one onto Hugging Face `LlamaForCausalLM` (see `hf.py`), with no

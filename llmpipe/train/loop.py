@@ -5,7 +5,8 @@ One optimizer step = `accum` micro-batches per rank, so that
 (for chat data, where rows are padded or packed, that is the step's capacity in tokens).
 Per step: set the scheduled lr, forward/backward each micro-batch under autocast (gradients
 all-reduced only on the last), clip the gradient norm, refuse non-finite loss or norm, an optimizer
-step (AdamW, or Muon + AdamW: llmpipe/train/optim.py) over the trainable parameters only. Every `eval_every` steps: the task's val loss (and bits per
+step (AdamW, or Muon + AdamW: llmpipe/train/optim.py) over the trainable parameters only.
+Every `eval_every` steps: the task's val loss (and bits per
 byte for text), a short sample per prompt; every `checkpoint_every` steps: an atomic checkpoint.
 SIGTERM finishes the current step, saves, then exits.
 

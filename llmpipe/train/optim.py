@@ -1,8 +1,8 @@
 """The training loop's optimizer: AdamW, or Muon for the blocks' matrices and AdamW for the rest.
 
 Muon (torch.optim.Muon, Keller Jordan's; our subclass below picks the dtype of its iteration)
-orthogonalizes each 2-D update by a Newton-Schulz iteration,
-so every direction of a matrix moves at the same rate. It suits the hidden matrices only; the token
+orthogonalizes each 2-D update by a Newton-Schulz iteration, so every direction of a matrix moves at
+the same rate. It suits the hidden matrices only; the token
 embedding (a lookup), an untied lm_head (an output layer) and the norm gains keep AdamW, as in the
 speedrun recipes:
 
