@@ -11,6 +11,7 @@ Standard library only: anything in llmpipe may import it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,16 @@ EXTRAS = Setting("LLMPIPE_EXTRAS", "test", "extras of llmpipe to install, comma-
                  "scripts/install.sh")
 TEST_CACHE = Setting("LLMPIPE_TEST_CACHE", "~/.cache/llmpipe-tests", "where tests keep the demo corpus they "
                      "fetch (unless data/sources/ has it)", "tests")
+STACK_DIR = Setting("LLMPIPE_STACK_DIR", "~/.llmpipe/stack", "where `llmpipe up` keeps the server stack's data, "
+                    "logs and generated credentials (credentials.env, readable only by you)", "llmpipe up/down/status")
+DASK_SCHEDULER = Setting("LLMPIPE_DASK_SCHEDULER", "", "Dask scheduler address (tcp://host:8786) to run the data "
+                         "stages' shards on; its workers must see the project directory; unset: local processes",
+                         "llmpipe")
 BENCH_CACHE = Setting("LLMPIPE_BENCH_CACHE", "~/.cache/llmpipe-bench", "where benchmarks keep the demo corpus "
                       "they fetch", "benchmarks")
 
 SETTINGS: tuple[Setting, ...] = (PROJECT, WORKERS, TRACKING, TRACKING_URI, EXPERIMENT, DEBUG, PARENT_RUN_ID,
-                                 TORCH, EXTRAS, TEST_CACHE, BENCH_CACHE)
+                                 STACK_DIR, DASK_SCHEDULER, TORCH, EXTRAS, TEST_CACHE, BENCH_CACHE)
 
 _ON = {"on", "1", "true", "yes"}
 _OFF = {"off", "0", "false", "no"}
@@ -81,6 +87,19 @@ def workers() -> int:
         raise UserError(f"{WORKERS.name}={value}: not a number of worker processes; set it to a whole number "
                         f">= 1, or 0 (or unset it) for one per CPU core")
     return count or (os.cpu_count() or 1)
+
+
+def stack_dir() -> Path:
+    return Path(STACK_DIR.raw() or STACK_DIR.default).expanduser().resolve()
+
+
+def dask_scheduler() -> str | None:
+    """The scheduler address, validated: tcp://, tls:// or inproc:// (None: local processes)."""
+    value = DASK_SCHEDULER.raw()
+    if value and not re.match(r"^(tcp|tls|inproc|ucx)://\S+$", value):
+        raise UserError(f"{DASK_SCHEDULER.name}={value}: not a Dask scheduler address; set it to one like "
+                        f"tcp://127.0.0.1:8786 (or unset it to run on local processes)")
+    return value
 
 
 def tracking_enabled() -> bool:
@@ -115,6 +134,7 @@ def parent_run_id() -> str | None:
 def check() -> None:
     """Read every setting llmpipe itself interprets, so a bad value stops a command before any work."""
     workers()
+    dask_scheduler()
     tracking_enabled()
     debug()
 
@@ -134,4 +154,4 @@ def markdown_table() -> str:
 
 
 __all__ = ["Setting", "SETTINGS", "check", "current_values", "debug", "debug_or_off", "experiment", "markdown_table",
-           "parent_run_id", "project_dir", "tracking_enabled", "tracking_uri", "workers"]
+           "dask_scheduler", "parent_run_id", "project_dir", "stack_dir", "tracking_enabled", "tracking_uri", "workers"]

@@ -1,0 +1,1 @@
+"""Operations: the server stack (up/down), work pools and deployments."""
