@@ -81,6 +81,16 @@ def run_dvc(root: Path, *args: str) -> str:
 
 
 
+def status_section(output: str, title: str) -> list[str]:
+    """The rows of one section ("== <title>...") of `llmpipe status`'s output, without their indent."""
+    rows, inside = [], False
+    for line in output.splitlines():
+        if line.startswith("== "):
+            inside = line[3:].startswith(title)
+        elif inside:
+            rows.append(line.removeprefix("  "))
+    return rows
+
 
 @contextlib.contextmanager
 def torch_threads(n: int):

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from llmpipe.cli import main
-from tests.helpers import ROOT
+from tests.helpers import ROOT, status_section
 from tests.test_tracking import hold_run, kill_9
 
 
@@ -172,7 +172,8 @@ def test_status_ends_the_run_of_a_killed_process_as_killed(tmp_path: Path, monke
     result = CliRunner().invoke(main, ["status"])
     assert result.exit_code == 0, result.output
     assert f"ended as KILLED: clean ({run_id[:8]}): process {holder.pid} on " in result.output
-    assert "clean" in result.output.splitlines()[-1] and "KILLED" in result.output.splitlines()[-1]
+    [row] = status_section(result.output, "stages")[1:]
+    assert "clean" in row and "KILLED" in row
     from llmpipe.tracking import configure_mlflow
 
     assert configure_mlflow(tmp_path).MlflowClient().get_run(run_id).info.status == "KILLED"

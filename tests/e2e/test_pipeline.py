@@ -239,17 +239,22 @@ def test_llmpipe_status_shows_staleness_and_last_runs(project: Path, monkeypatch
 
     from llmpipe.cli import main
 
+    from tests.helpers import status_section
+
     monkeypatch.chdir(project)
     out = CliRunner().invoke(main, ["status"]).output
-    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    lines = {line.split()[0]: line for line in status_section(out, "stages")[1:]}
     assert set(lines) == set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
     assert all("up to date" in line and "FINISHED" in line for line in lines.values()), out
+    assert status_section(out, "registry") == ["llmpipe-chat: production = version 1"]  # the promote test set it
+    assert status_section(out, "servers")[0].startswith("MLflow   sqlite:///")
+    assert "ephemeral" in status_section(out, "servers")[1] and "none" in status_section(out, "servers")[3]
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pretrain"]["lr"] = params["pretrain"]["lr"] / 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = CliRunner().invoke(main, ["status"]).output
-    assert "stale" in next(line for line in out.splitlines() if line.startswith("pretrain")), out
+    assert "stale" in next(line for line in status_section(out, "stages") if line.startswith("pretrain")), out
     params["pretrain"]["lr"] = params["pretrain"]["lr"] * 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
