@@ -119,18 +119,70 @@ def lm_eval(args: tuple[str, ...]) -> None:
 
 @main.command()
 def status() -> None:
-    """Show which stages are stale (DVC) and the last tracked run of each (MLflow).
+    """Where the project stands: the servers in effect and their UIs, the last pipeline runs (Prefect's,
+    or MLflow's on the embedded store), each stage's DVC staleness and last run, and the registry's
+    `production` version.
 
     Runs left RUNNING by a process that no longer exists on this machine are ended as KILLED first.
     """
-    from llmpipe.pipeline import status_rows
+    from llmpipe.ops.status import report
     from llmpipe.tracking import end_dead_runs
 
     root = _root()
     for ended in end_dead_runs(root, by="llmpipe status"):
         click.echo(f"ended as KILLED: {ended}")
-    for row in status_rows(root):
+    for row in report(root):
         click.echo(row)
+
+
+@main.command()
+@click.option("--port-base", type=int, default=0, show_default=True,
+              help="Add this to every default port (e.g. 1000 for a second stack on the same machine).")
+def up(port_base: int) -> None:
+    """Start the server stack on this machine: PostgreSQL, an S3 store (SeaweedFS), the MLflow server
+    and the Prefect server, each bound to 127.0.0.1, data under LLMPIPE_STACK_DIR.
+
+    Credentials are generated into LLMPIPE_STACK_DIR/credentials.env (readable only by you, never
+    printed). Point llmpipe at the stack with `set -a; . <that file>; set +a`. Running it again
+    starts only what is not running.
+    """
+    from llmpipe.ops.stack import Ports, up as start
+
+    urls = start(env.stack_dir(), Ports.offset(port_base), log=click.echo)
+    for name, url in urls.items():
+        click.echo(f"{name:<9}{url}")
+    click.echo(f"client settings: set -a; . {env.stack_dir() / 'credentials.env'}; set +a")
+
+
+@main.command()
+def down() -> None:
+    """Stop the server stack that `llmpipe up` started (its data stays in LLMPIPE_STACK_DIR)."""
+    from llmpipe.ops.stack import down as stop
+
+    stopped = stop(env.stack_dir(), log=click.echo)
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@main.command()
+def deploy() -> None:
+    """Register the pipeline's deployments and work pools with the Prefect server (PREFECT_API_URL).
+
+    Deployments: the full pipeline on its cron schedule (params.yaml pipeline.schedule), the data
+    refresh (ingest to dedup), evaluate + promote, and one per work pool for single stages. CPU
+    stages go to the process pool, GPU stages (pipeline.gpu_stages) to the gpu pool.
+    """
+    from llmpipe.ops.deploy import deploy as register
+
+    for line in register(_root()):
+        click.echo(line)
+
+
+@main.command("serve-flows")
+def serve_flows() -> None:
+    """Run the pipeline's deployments on this machine (Prefect `serve`: schedules included) until stopped."""
+    from llmpipe.ops.deploy import serve_flows as serve
+
+    serve(_root())
 
 
 @main.command()
