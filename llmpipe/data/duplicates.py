@@ -7,6 +7,11 @@ once: it groups equal exact hashes; bands the signatures of one record per exact
 × `rows` slots per band, bucket by sorting the band hashes), verifies each candidate pair's estimated
 Jaccard against `threshold`, and joins verified pairs with union-find.
 
+With `LLMPIPE_DASK_SCHEDULER` set, the banding and verification run on the Dask cluster
+(`lsh_edges_on_dask`): every band's buckets are partitioned by a hash of their key, one partition per
+worker thread, so a bucket is never split across workers and the verified pairs are exactly those of
+the local band loop (tests/data/test_dask.py compares them); grouping and union-find stay here.
+
 Memory: O(records × num_perm) — each record holds 4 × num_perm bytes of signature (126 perms: 504
 bytes) plus ~100 bytes of id, hashes and position, ~0.6 GB per million 4000-character chunks (4 GB of
 text) — plus one band's keys and candidate pairs at a time. This index is the only part of the stage
@@ -20,6 +25,7 @@ depends on the records alone, never on shard order or the number of workers.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
+from llmpipe import env
 from llmpipe.data import minhash
 from llmpipe.data.accounting import Record
 
@@ -127,15 +134,9 @@ def find_duplicates(sk: dict[str, np.ndarray], cfg: DedupConfig, log=None) -> Du
     rank = rank_records(sk)
     exact_rep = _best_of_groups(sk["exact"], rank)  # the best record with the same normalized text
 
-    # Near duplicates among exact-group representatives that have shingles, one LSH band at a time.
+    # Near duplicates among exact-group representatives that have shingles.
     reps = np.flatnonzero((exact_rep == everyone) & sk["nonempty"])
-    edges, n_candidates = [np.zeros((0, 2), dtype=np.int64)], 0
-    for band in range(cfg.bands):
-        keys = minhash.band_key(sk["sig"], band, cfg.rows, subset=reps)
-        pairs = reps[minhash.bucket_pairs(keys, tiebreak=rank[reps])]  # rank: big buckets pair up by content
-        n_candidates += len(pairs)
-        edges.append(minhash.verified_pairs(sk["sig"], pairs, cfg.threshold)[0])
-    edges = np.unique(np.concatenate(edges), axis=0)  # (E, 2) global indices
+    edges, n_candidates = lsh_edges(sk["sig"], reps, rank[reps], cfg)  # (E, 2) global indices
     position = np.full(n, -1)
     position[reps] = np.arange(len(reps))
     component = minhash.connected_components(len(reps), position[edges])  # (R,)
@@ -158,6 +159,56 @@ def find_duplicates(sk: dict[str, np.ndarray], cfg: DedupConfig, log=None) -> Du
                  n, int((exact_rep == everyone).sum()), n_candidates, len(edges), len(heads))
     return Duplicates(kept=kept, exact=exact, jaccard=jaccard, cluster=cluster_of[kept],
                       candidate_pairs=n_candidates, verified_pairs=len(edges))
+
+
+def lsh_edges(sig: np.ndarray, reps: np.ndarray, rank_reps: np.ndarray,
+              cfg: DedupConfig) -> tuple[np.ndarray, int]:
+    """(verified pairs (E, 2) unique, candidate pairs summed over bands) among the records `reps`: in this
+    process, or with `LLMPIPE_DASK_SCHEDULER` set on that Dask cluster (`lsh_edges_on_dask`)."""
+    address = env.dask_scheduler()
+    if address:
+        return lsh_edges_on_dask(address, sig, reps, rank_reps, cfg)
+    return partition_edges(sig, reps, rank_reps, cfg.bands, cfg.rows, cfg.threshold)
+
+
+def partition_edges(sig: np.ndarray, reps: np.ndarray, rank_reps: np.ndarray, bands: int, rows: int,
+                    threshold: float, part: int = 0, parts: int = 1) -> tuple[np.ndarray, int]:
+    """`lsh_edges` of the LSH buckets whose key hashes to partition `part` of `parts`, one band at a time.
+
+    A bucket is the set of records with one band key, so partitioning by key never splits a bucket:
+    each bucket's pairs come out whole in exactly one partition, the same pairs as with one partition
+    (bucket_pairs orders a bucket by `rank_reps`, which does not depend on who else is in the call).
+    So the union over the partitions is the band loop's result, candidates summed alike.
+    """
+    edges, n_candidates = [np.zeros((0, 2), dtype=np.int64)], 0
+    for band in range(bands):
+        keys = minhash.band_key(sig, band, rows, subset=reps)
+        mine = np.flatnonzero(keys % np.uint64(parts) == part)  # ascending, so pairs stay (i < j)
+        # rank: big buckets pair up by content
+        pairs = reps[mine[minhash.bucket_pairs(keys[mine], tiebreak=rank_reps[mine])]]
+        n_candidates += len(pairs)
+        edges.append(minhash.verified_pairs(sig, pairs, threshold)[0])
+    return np.unique(np.concatenate(edges), axis=0), n_candidates
+
+
+def lsh_edges_on_dask(address: str, sig: np.ndarray, reps: np.ndarray, rank_reps: np.ndarray,
+                      cfg: DedupConfig) -> tuple[np.ndarray, int]:
+    """`lsh_edges` as one `partition_edges` task per worker thread of the cluster at `address`.
+
+    The signatures go to every worker once (scattered); each worker then holds them all, as this process
+    does: Dask spreads the CPU of banding, sorting and verifying, not the signatures' memory.
+    """
+    from llmpipe.data.shards import dask_client
+
+    with dask_client(address) as client:
+        parts = max(1, sum(client.nthreads().values()))
+        data = client.scatter([sig, reps, rank_reps], broadcast=True, hash=False)
+        futures = [client.submit(partition_edges, *data, cfg.bands, cfg.rows, cfg.threshold, part, parts,
+                                 pure=False, key=f"dedup: LSH partition {part} of {parts}-{uuid.uuid4().hex}")
+                   for part in range(parts)]
+        results = client.gather(futures)
+    edges = np.unique(np.concatenate([e for e, _ in results]), axis=0)
+    return edges, sum(n for _, n in results)
 
 
 def clusters_table(sk: dict[str, np.ndarray], dup: Duplicates) -> pa.Table:

@@ -12,6 +12,16 @@ quarantine shard) under one output directory, and hands them to `run_shards`, wh
   stages never read themselves) and what this run did.
 Peak memory is one shard per worker, independent of corpus size.
 
+Where the shards run: with `LLMPIPE_DASK_SCHEDULER` set (`llmpipe.env.dask_scheduler`, a
+`tcp://host:8786` address), on that Dask cluster instead of the local pool; everything else (pruning,
+markers, the accounting check of each shard, counts, progress bar, errors) is the same, because the
+same `_run_one` wrapper runs on the Dask worker: it checks the shard's files and writes its marker
+there. So the Dask workers must see the project directory at the same path as this process (a shared
+volume on a cluster; a worker that does not is a UserError naming the directory) and run the same
+llmpipe code (the resume fingerprints hash the code here). A UserError or AccountingError raised on a
+worker reaches the stage with its type and message. A worker that dies mid-shard is Dask's to retry:
+shards are written atomically, so a retried shard has the same bytes.
+
 Throughput, one definition for every data stage (`throughput_metrics`):
     mb_per_s             = input MB newly processed by this run / wall seconds of this run's shard work
     mb_per_s_per_worker  = the same MB / CPU seconds of that shard work, summed over the shards
@@ -24,14 +34,18 @@ MB nor their time, and a run that resumed every shard reports 0. The shard work 
 processing those shards, worker pool start included; a stage with a preparatory pass over the same
 input (dedup's sketches) adds that pass's seconds, not its MB (the same bytes again). Excluded:
 planning and hashing the inputs, pruning and the marker checks, work between passes (dedup's global
-LSH step), the report and its plots, and tracking.
+LSH step), the report and its plots, and tracking. On Dask a shard's CPU seconds are its worker
+process's, which include another shard's on a worker with several threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -40,7 +54,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from llmpipe import env
 from llmpipe.data.accounting import AccountingError, Counts
+from llmpipe.errors import UserError
 from llmpipe.io import clean_stale_temps, done_info, mark_done, marker_path
 
 log = logging.getLogger("llmpipe.data")
@@ -87,7 +103,7 @@ def run_shards(tasks: list[ShardTask], process: Callable[[ShardTask], Counts], *
     if len(pending) < len(tasks):
         log.info("%s: %d of %d shards already done, skipping them", stage, len(tasks) - len(pending), len(tasks))
     start, cpu = time.perf_counter(), 0.0
-    for i, counts, task_cpu in _process(tasks, pending, process, workers, stage):
+    for i, counts, task_cpu in _process(tasks, pending, process, workers, stage, out_dir):
         shard_counts[i] = counts
         cpu += task_cpu
     seconds = time.perf_counter() - start if pending else 0.0
@@ -137,10 +153,16 @@ def _done_counts(task: ShardTask) -> Counts | None:
 
 
 def _process(tasks: list[ShardTask], pending: list[int], process: Callable[[ShardTask], Counts], workers: int,
-             stage: str) -> Iterator[tuple[int, Counts, float]]:
+             stage: str, out_dir: Path) -> Iterator[tuple[int, Counts, float]]:
     """Run the tasks at positions `pending`; yield (position, counts, CPU seconds) as each one finishes."""
     bar = tqdm(total=len(pending), desc=stage, unit="shard", disable=not pending)
     try:
+        address = env.dask_scheduler() if pending else None
+        if address:
+            for done in _process_on_dask(address, tasks, pending, process, stage, out_dir):
+                yield done
+                bar.update()
+            return
         if workers <= 1 or len(pending) <= 1:
             for i in pending:
                 yield i, *_run_one(process, stage, tasks[i])
@@ -156,6 +178,67 @@ def _process(tasks: list[ShardTask], pending: list[int], process: Callable[[Shar
                 bar.update()
     finally:
         bar.close()
+
+
+def _process_on_dask(address: str, tasks: list[ShardTask], pending: list[int],
+                     process: Callable[[ShardTask], Counts], stage: str,
+                     out_dir: Path) -> Iterator[tuple[int, Counts, float]]:
+    """`_process` on the Dask cluster at `address`."""
+    from distributed import as_completed
+
+    with dask_client(address) as client, _shared_probe(out_dir) as probe:
+        # pure=False: a shard is work on files, never a result to share with another submit of the same task.
+        futures = {client.submit(_run_on_worker, process, stage, tasks[i], probe, pure=False,
+                                 key=f"{stage} {tasks[i].output.name}-{uuid.uuid4().hex}"): i for i in pending}
+        for future in as_completed(list(futures), loop=client.loop):
+            yield futures[future], *future.result()  # a worker's exception is raised here, type and message kept
+
+
+CONNECT_TIMEOUT_S = 30  # to reach the scheduler, then again for its first worker
+
+
+@contextlib.contextmanager
+def dask_client(address: str) -> Iterator[Any]:
+    """A `distributed.Client` of the scheduler at `address` that has at least one worker, closed afterwards."""
+    from distributed import Client
+
+    name = env.DASK_SCHEDULER.name
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+    except OSError as exc:  # TimeoutError included
+        raise UserError(f"{name}={address}: no Dask scheduler answers there ({type(exc).__name__}: {exc}); start "
+                        f"one (dask scheduler) with workers that see this project directory (dask worker "
+                        f"{address}), or unset {name} to run on local processes") from exc
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise UserError(f"{name}={address}: the scheduler has no workers after {CONNECT_TIMEOUT_S} s; start "
+                            f"some that see this project directory (dask worker {address})") from exc
+        yield client
+
+
+@contextlib.contextmanager
+def _shared_probe(out_dir: Path) -> Iterator[Path]:
+    """A file in `out_dir` for the workers to look for: one that does not see it would write its shards
+    and markers to a disk this process never reads. A `.tmp-` name, so a killed run's probe is pruned."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = out_dir / f".tmp-dask-probe-{uuid.uuid4().hex}"
+    probe.touch()
+    try:
+        yield probe
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _run_on_worker(process: Callable[[ShardTask], Counts], stage: str, task: ShardTask,
+                   probe: Path) -> tuple[Counts, float]:
+    if not probe.exists():
+        raise UserError(f"{stage} shard {task.output.name}: the Dask worker on {socket.gethostname()} does not see "
+                        f"{probe.parent}: the workers of {env.DASK_SCHEDULER.name} must see the project directory "
+                        f"at the same path (a shared volume); mount it there, or unset {env.DASK_SCHEDULER.name} "
+                        f"to run on local processes")
+    return _run_one(process, stage, task)
 
 
 def _run_one(process: Callable[[ShardTask], Counts], stage: str, task: ShardTask) -> tuple[Counts, float]:
