@@ -49,15 +49,41 @@ def run_dvc_stage(root: str, stage: str, force: bool, parent_run_id: str | None)
     return "ran (forced)" if force and not stale else "ran"
 
 
+def run_on_pool(root: str, stage: str, force: bool, parent_run_id: str | None, pool_role: str) -> str:
+    """Run one stage as an `llmpipe-stage/<cpu|gpu>` flow run on a worker of its pool, wait for it, and
+    write the records it hands back (dvc.lock, metrics, plots) into this checkout."""
+    from prefect.deployments import run_deployment
+
+    from llmpipe.ops.deploy import LOCK_FILE, stage_records_from, write_records
+
+    lock_path = Path(root) / LOCK_FILE
+    parameters = {"root": root, "stage": stage, "force": force, "parent_run_id": parent_run_id,
+                  "lock": lock_path.read_text() if lock_path.exists() else None}
+    child = run_deployment(f"llmpipe-stage/{pool_role}", parameters=parameters, timeout=None)
+    if not child.state or not child.state.is_completed():
+        state = child.state.name if child.state else "unknown"
+        raise UserError(f"stage {stage}: its flow run {child.name} ({child.id}) on the {pool_role} pool ended {state}"
+                        f"{': ' + child.state.message if child.state and child.state.message else ''}; see its logs")
+    handed_back = stage_records_from(child.id)
+    write_records(Path(root), handed_back["records"])
+    return f"{handed_back['result']} (on the {pool_role} pool)"
+
+
 @flow(name="llmpipe", log_prints=True)
-def pipeline(root: str, until: str | None = None, force: list[str] | None = None) -> dict[str, str]:
-    """Run the DVC stages up to `until`, forcing the stages named in `force`."""
+def pipeline(root: str, until: str | None = None, force: list[str] | None = None,
+             pools: bool = False) -> dict[str, str]:
+    """Run the DVC stages up to `until`, forcing the stages named in `force`; with `pools`, each stage
+    as its own flow run on the work pool params.yaml gives it (`llmpipe deploy`), else in this process."""
     project = Path(root)
     stages = check_run(project, until, force or [])
     settings = load_pipeline_config(project)
     results: dict[str, str] = {}
     with tracked_run(project, "pipeline", {"git_commit": git_commit(project), "stages": ",".join(stages)}) as tracker:
         for stage in stages:
+            if pools:
+                role = "gpu" if stage in settings.gpu_stages else "cpu"
+                results[stage] = run_on_pool(root, stage, stage in (force or []), tracker.run_id, role)
+                continue
             retries = settings.retries.get(stage, settings.default_retries)
             stage_task = run_dvc_stage.with_options(retries=retries, retry_delay_seconds=settings.retry_delay_s)
             results[stage] = stage_task(root, stage, stage in (force or []), tracker.run_id)

@@ -12,9 +12,9 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmpipe import env
 from llmpipe.config import StageConfig, ConfigError, flatten, load_section, params_hash, read_params
@@ -158,6 +158,38 @@ class PipelineConfig(StageConfig):
     retries: dict[str, int] = Field(default_factory=dict, description="stage name -> retries on failure")
     default_retries: int = Field(0, ge=0, le=10)
     retry_delay_s: float = Field(10.0, ge=0)
+    gpu_stages: list[str] = Field(default_factory=lambda: ["pretrain", "sft", "dpo"],
+                                  description="stages the deployed pipeline runs on the GPU work pool")
+    schedule: str = Field("0 3 * * *", description="cron schedule of the deployed full pipeline")
+    pools: dict[Literal["cpu", "gpu"], str] = Field(
+        default_factory=lambda: {"cpu": "llmpipe-cpu", "gpu": "llmpipe-gpu"}, description="work pool names")
+
+    @field_validator("gpu_stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGES)}")
+        return stages
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, schedule: str) -> str:
+        if len(schedule.split()) != 5:
+            raise ValueError(f"'{schedule}' is not a cron expression of 5 fields (minute hour day month weekday)")
+        return schedule
+
+    @field_validator("pools")
+    @classmethod
+    def _both_pools(cls, pools: dict[str, str]) -> dict[str, str]:
+        missing = {"cpu", "gpu"} - set(pools)
+        if missing:
+            raise ValueError(f"name the {' and '.join(sorted(missing))} pool(s) too, e.g. {{cpu: llmpipe-cpu, gpu: llmpipe-gpu}}")
+        return pools
+
+    def pool_of(self, stage: str) -> str:
+        """The work pool a deployed pipeline runs `stage` on."""
+        return self.pools["gpu" if stage in self.gpu_stages else "cpu"]
 
 
 @dataclass
