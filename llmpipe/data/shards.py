@@ -192,6 +192,10 @@ def _process_on_dask(address: str, tasks: list[ShardTask], pending: list[int],
                                  key=f"{stage} {tasks[i].output.name}-{uuid.uuid4().hex}"): i for i in pending}
         for future in as_completed(list(futures), loop=client.loop):
             yield futures[future], *future.result()  # a worker's exception is raised here, type and message kept
+    # A worker killed mid-shard left its temp files; Dask retried the shard elsewhere, so the stage
+    # succeeds, and nothing prunes them before the next run: remove them now that no shard is running.
+    for directory in (out_dir, out_dir / "quarantine"):
+        clean_stale_temps(directory)
 
 
 CONNECT_TIMEOUT_S = 30  # to reach the scheduler, then again for its first worker

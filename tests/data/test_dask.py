@@ -7,10 +7,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import random
 import shutil
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
+import cloudpickle
 import dask
 import numpy as np
 import pyarrow.parquet as pq
@@ -196,3 +202,51 @@ def test_a_worker_that_does_not_see_the_project_is_a_user_error_naming_it(tmp_pa
     with pytest.raises(UserError, match=r"does not see .*out: the workers of LLMPIPE_DASK_SCHEDULER must see"):
         shards._run_on_worker(dedup._write_shard, "dedup: write", task, tmp_path / "out" / ".tmp-dask-probe-x")
     assert not task.output.exists()
+
+
+def held_on_first_try(task: ShardTask, gate: Path):
+    """dedup's shard writer, except that shard 0's first try stops mid-file (a temp file written, as a
+    writer's is) and waits there to be killed; a try after `gate/go` exists writes the shard."""
+    if task.index == 0 and not (gate / "go").exists():
+        (task.output.parent / f".tmp-{task.output.name}-0badf00d").write_bytes(b"half a shard")
+        (gate / "pid").write_text(str(os.getpid()))
+        time.sleep(60)
+        raise AssertionError("the worker was not killed")
+    return dedup._write_shard(task)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_is_retried_and_leaves_the_bytes_of_an_uninterrupted_run(tmp_path, monkeypatch,
+                                                                                           cluster, on_dask):
+    expected = tmp_path / "expected"
+    run_shards(record_shard_tasks(expected, 4, {}), dedup._write_shard, out_dir=expected / "out", workers=1,
+               stage="dedup: write")
+    use_dask(monkeypatch, cluster)
+    cloudpickle.register_pickle_by_value(sys.modules[held_on_first_try.__module__])  # workers cannot import tests
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    root = tmp_path / "killed"
+    tasks = record_shard_tasks(root, 4, {})
+
+    def kill_the_held_worker() -> None:
+        deadline = time.monotonic() + 60
+        while not (gate / "pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (gate / "go").touch()
+        os.kill(int((gate / "pid").read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_held_worker)
+    killer.start()
+    try:
+        result = run_shards(tasks, functools.partial(held_on_first_try, gate=gate), out_dir=root / "out",
+                            workers=2, stage="dedup: write")
+    finally:
+        killer.join()
+        cloudpickle.unregister_pickle_by_value(sys.modules[held_on_first_try.__module__])
+    assert (result.shards, result.resumed, sum(result.counts.read.values())) == (4, 0, 4)
+    assert int((gate / "pid").read_text()) not in on_dask.run(os.getpid).values()  # that worker is gone
+    out = sorted(p.relative_to(root).as_posix() for p in (root / "out").rglob("*"))
+    assert out == sorted(p.relative_to(expected).as_posix() for p in (expected / "out").rglob("*"))  # no temp left
+    for name in out:
+        if (root / name).is_file():
+            assert (root / name).read_bytes() == (expected / name).read_bytes(), name
