@@ -187,10 +187,13 @@ def _process_on_dask(address: str, tasks: list[ShardTask], pending: list[int],
     from distributed import as_completed
 
     with dask_client(address) as client, _shared_probe(out_dir) as probe:
-        # pure=False: a shard is work on files, never a result to share with another submit of the same task.
-        futures = {client.submit(_run_on_worker, process, stage, tasks[i], probe, pure=False,
-                                 key=f"{stage} {tasks[i].output.name}-{uuid.uuid4().hex}"): i for i in pending}
-        for future in as_completed(list(futures), loop=client.loop):
+        # All at once (one message: the scheduler places them together); pure=False: a shard is work on
+        # files, never a result to share with another submit of the same task.
+        n = len(pending)
+        submitted = client.map(_run_on_worker, [process] * n, [stage] * n, [tasks[i] for i in pending], [probe] * n,
+                               key=[f"{stage} {tasks[i].output.name}-{uuid.uuid4().hex}" for i in pending], pure=False)
+        futures = dict(zip(submitted, pending))
+        for future in as_completed(submitted, loop=client.loop):
             yield futures[future], *future.result()  # a worker's exception is raised here, type and message kept
     # A worker killed mid-shard left its temp files; Dask retried the shard elsewhere, so the stage
     # succeeds, and nothing prunes them before the next run: remove them now that no shard is running.
