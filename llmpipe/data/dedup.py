@@ -11,7 +11,8 @@ Phase 1, per shard in parallel (resumable): sketch every record (`llmpipe.data.d
   input shard's sha256.
 Phase 2, global, in one process: `find_duplicates` over all sketches (exact groups, LSH candidates
   verified at `threshold`, union-find; the one part whose memory grows with the corpus, see
-  `llmpipe.data.duplicates`); phases 1 and 3 hold one shard per worker.
+  `llmpipe.data.duplicates`; on a Dask cluster its LSH buckets are spread over the workers by key
+  hash); phases 1 and 3 hold one shard per worker.
 Phase 3, per shard in parallel (resumable): copy kept records, quarantine dropped ones with
   detail {"kept": id of the kept member, "jaccard": estimated Jaccard to it, "cluster": id}.
 """
