@@ -55,11 +55,13 @@ def deployments(root: Path) -> list[DeploymentSpec]:
 
 
 def served(root: Path) -> list:
-    """The same orchestrating flows for `serve` on one machine: every stage runs in the serving process."""
+    """The same orchestrating flows for `serve` on one machine: every stage runs in the serving process.
+    Their names end in `-local`: a deployment `llmpipe deploy` registered keeps its pull steps when
+    `serve` updates it under the same name, and its runs would then look for code where there is none."""
     settings = load_pipeline_config(root)
     base = {"root": str(root), "pools": False}
     return [
-        pipeline.to_deployment(name="full", cron=settings.schedule, parameters=base),
-        pipeline.to_deployment(name="data-refresh", parameters={**base, "until": "dedup"}),
-        evaluate_promote.to_deployment(name="default", parameters=base),
+        pipeline.to_deployment(name="full-local", cron=settings.schedule, parameters=base),
+        pipeline.to_deployment(name="data-refresh-local", parameters={**base, "until": "dedup"}),
+        evaluate_promote.to_deployment(name="local", parameters=base),
     ]

@@ -19,6 +19,8 @@ Scheduled, so the next worker of its pool runs it again and DVC skips what was a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Callable
 from datetime import timedelta
@@ -190,9 +192,10 @@ def _apply(root: Path, specs) -> list[tuple[str, str]]:
     applied = []
     for spec in specs:
         remote_flow = prefect_flow.from_source(str(root), spec.entrypoint)
-        deployment_id = remote_flow.deploy(name=spec.name, work_pool_name=spec.pool, cron=spec.cron,
-                                           parameters=spec.parameters, description=spec.description,
-                                           tags=["llmpipe"], print_next_steps=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # Prefect's tables; deploy() reports each one
+            deployment_id = remote_flow.deploy(name=spec.name, work_pool_name=spec.pool, cron=spec.cron,
+                                               parameters=spec.parameters, description=spec.description,
+                                               tags=["llmpipe"], print_next_steps=False)
         applied.append((str(deployment_id), f"{remote_flow.name}/{spec.name}"))
     return applied
 

