@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import subprocess
 from pathlib import Path, PurePosixPath
@@ -429,15 +430,26 @@ def test_training_image_has_cuda_torch_and_flash_attn():
     assert "gpu" in re.search(r"LLMPIPE_EXTRAS=(\S+)", install).group(1).split(",")
 
 
+THIRD_PARTY_IMAGES = ("postgres:", "chrislusf/seaweedfs:")  # used as published
+
+
 def test_images_the_manifests_and_compose_use_are_built_here():
     stages = set(dockerfile_stages())
-    images = {c["image"] for _, spec in pod_specs() for c in containers(spec) if c["image"].startswith("llmpipe/")}
-    assert {image.split(":")[0].split("/")[1] for image in images} <= stages
-    for name, service in compose()["services"].items():
+    services = compose()["services"]
+    images = {c["image"] for _, spec in pod_specs() for c in containers(spec)} | \
+        {s["image"] for s in services.values()}
+    ours = {image for image in images if not image.startswith(THIRD_PARTY_IMAGES)}
+    assert ours and {re.fullmatch(r"llmpipe-(\w+):[\w.-]+", image).group(1) for image in ours} <= stages, \
+        f"images {sorted(ours)}: each must be llmpipe-<a stage of infra/Dockerfile>"
+    for name, service in services.items():
         if "build" in service:
-            assert service["build"]["target"] in stages
-            assert service["image"].split(":")[0] == f"llmpipe/{service['build']['target']}", name
+            assert service["image"].split(":")[0] == f"llmpipe-{service['build']['target']}", name
     assert dockerfile_workdir("train") == dockerfile_workdir("cpu")
+
+
+def test_gpu_pool_runs_the_training_image():
+    pool = json.loads((INFRA / "pools" / "kubernetes.json").read_text())
+    assert pool["variables"]["properties"]["image"]["default"] == torchrun(train_job())["image"]
 
 
 def test_images_leave_out_data_and_credentials():
