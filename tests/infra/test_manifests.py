@@ -342,8 +342,10 @@ def test_compose_has_the_stack():
     assert "PREFECT_SERVER_API_AUTH_STRING" in prefect and "postgresql+asyncpg://" in prefect
     weed = " ".join(strings(services["seaweedfs"]["command"]))
     assert "-s3.config=" in weed and "-volume.max=100" in weed and "-master.telemetry=false" in weed
+    from llmpipe.stages import PipelineConfig
+
     worker = services["worker-cpu"]["command"]
-    assert (flag(worker, "--pool"), flag(worker, "--type")) == ("llmpipe-cpu", "process")
+    assert (flag(worker, "--pool"), flag(worker, "--type")) == (PipelineConfig().pools["cpu"], "process")
 
 
 def published_host_ip(port: Any) -> str:
