@@ -144,9 +144,8 @@ def test_up_again_is_a_no_op(stack):
 
 
 @pytest.mark.slow
-def test_down_leaves_no_process_and_up_fails_cleanly():
-    """A second stack: `up` with the MLflow port taken fails naming mlflow and its log, stopping what it
-    started; then a real `up` and a `down` that leaves no process of the stack alive."""
+def test_a_failed_up_names_the_service_and_stops_what_it_started():
+    """A second stack with the MLflow port taken: postgres and s3 come up, mlflow cannot bind."""
     import socket
 
     from llmpipe.errors import UserError
@@ -160,19 +159,35 @@ def test_down_leaves_no_process_and_up_fails_cleanly():
             squatter.bind(("127.0.0.1", ports.mlflow))
             squatter.listen()
             lines: list[str] = []
-            with pytest.raises(UserError, match=r"mlflow .*logs/mlflow\.log"):
+            with pytest.raises(UserError, match=r"^mlflow .*logs/mlflow\.log"):
                 ops_stack.up(directory, ports, log=lines.append)
         first = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", " ".join(lines))]
         assert len(first) == 2  # postgres and s3 were up before mlflow failed
         assert [pid for pid in first if alive(pid)] == []
         assert ops_stack.running(directory) == {name: False for name in ops_stack.SERVICES}
-
-        handle = start_stack(directory, ports)
-        procs = stack_processes(handle.dir)
-        assert len(procs) >= 4
-        assert sorted(ops_stack.down(handle.dir, log=lambda _line: None)) == sorted(ops_stack.SERVICES)
-        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert alive == [], f"left running after down: {[p.name() for p in alive]}"
-        assert ops_stack.running(handle.dir) == {name: False for name in ops_stack.SERVICES}
     finally:
         stop_stack(directory)
+
+
+# Last in this module: it takes the session stack down and brings it back for the modules after it.
+@pytest.mark.slow
+def test_down_leaves_no_process_and_up_restarts_with_the_data(stack):
+    client = services.s3_client(stack.env)
+    client.put_object(Bucket="llmpipe-dvc", Key="test/kept.txt", Body=b"kept")
+    auth = services.basic_auth(stack.env["MLFLOW_TRACKING_USERNAME"], stack.env["MLFLOW_TRACKING_PASSWORD"])
+    create = f"{stack.urls['mlflow']}/api/2.0/mlflow/experiments/create"
+    assert http_status(create, auth, data=json.dumps({"name": "kept-across-restart"}).encode()) == 200
+
+    procs = stack_processes(stack.dir)
+    assert len(procs) >= 4
+    assert ops_stack.down(stack.dir, log=lambda _line: None) == list(reversed(ops_stack.SERVICES))
+    left = [p for p in procs if alive(p.pid) and p.is_running()]
+    assert left == [], f"left running after down: {[p.name() for p in left]}"
+    assert ops_stack.running(stack.dir) == {name: False for name in ops_stack.SERVICES}
+
+    assert ops_stack.up(stack.dir, log=lambda _line: None) == stack.urls  # the recorded ports
+    assert ops_stack.stack_env(stack.dir) == stack.env
+    assert client.get_object(Bucket="llmpipe-dvc", Key="test/kept.txt")["Body"].read() == b"kept"
+    search = f"{stack.urls['mlflow']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=kept-across-restart"
+    assert http_status(search, auth) == 200
+    assert http_status(search) == 401
