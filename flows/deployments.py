@@ -37,21 +37,24 @@ class DeploymentSpec:
     description: str = ""
 
 
-def deployments(root: Path) -> list[DeploymentSpec]:
-    """What `llmpipe deploy` registers: the orchestrating flows on the cpu pool, the stage flow on both."""
+def deployments(root: Path, only: tuple[str, ...] = ()) -> list[DeploymentSpec]:
+    """What `llmpipe deploy` registers: the orchestrating flows on the cpu pool, the stage flow on both
+    (`only`: just the deployments of these names, e.g. a worker machine's own `cpu`)."""
     settings = load_pipeline_config(root)
     cpu, gpu = settings.pools["cpu"], settings.pools["gpu"]
     base = {"root": str(root), "pools": True}
-    return [
+    stage_root = {"root": str(root)}  # where the workers' checkout is: a GPU node's is at the same path
+    specs = [
         DeploymentSpec("flows/pipeline.py:pipeline", "full", cpu, base, settings.schedule,
                        "the whole pipeline, every stage on its work pool"),
         DeploymentSpec("flows/pipeline.py:pipeline", "data-refresh", cpu, {**base, "until": "dedup"},
                        description="the data stages, ingest to dedup"),
         DeploymentSpec("flows/deployments.py:evaluate_promote", "default", cpu, base,
                        description="stale stages up to package, then the promotion gate"),
-        DeploymentSpec("flows/stage.py:stage_flow", "cpu", cpu, description="one stage on a CPU worker"),
-        DeploymentSpec("flows/stage.py:stage_flow", "gpu", gpu, description="one stage on a GPU worker"),
+        DeploymentSpec("flows/stage.py:stage_flow", "cpu", cpu, stage_root, description="one stage on a CPU worker"),
+        DeploymentSpec("flows/stage.py:stage_flow", "gpu", gpu, stage_root, description="one stage on a GPU worker"),
     ]
+    return [spec for spec in specs if not only or spec.name in only]
 
 
 def served(root: Path) -> list:

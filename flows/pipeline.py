@@ -51,13 +51,14 @@ def run_dvc_stage(root: str, stage: str, force: bool, parent_run_id: str | None)
 
 def run_on_pool(root: str, stage: str, force: bool, parent_run_id: str | None, pool_role: str) -> str:
     """Run one stage as an `llmpipe-stage/<cpu|gpu>` flow run on a worker of its pool, wait for it, and
-    write the records it hands back (dvc.lock, metrics, plots) into this checkout."""
+    write the records it hands back (dvc.lock, metrics, plots) into this checkout. The stage runs in
+    the worker's own checkout (its deployment's `root`): no disk is shared, data goes through DVC."""
     from prefect.deployments import run_deployment
 
     from llmpipe.ops.deploy import LOCK_FILE, stage_records_from, write_records
 
     lock_path = Path(root) / LOCK_FILE
-    parameters = {"root": root, "stage": stage, "force": force, "parent_run_id": parent_run_id,
+    parameters = {"stage": stage, "force": force, "parent_run_id": parent_run_id,
                   "lock": lock_path.read_text() if lock_path.exists() else None}
     child = run_deployment(f"llmpipe-stage/{pool_role}", parameters=parameters, timeout=None)
     if not child.state or not child.state.is_completed():

@@ -163,14 +163,15 @@ def ensure_zombie_automation(within_s: float | None = None) -> str:
     return f"automation '{ZOMBIE_AUTOMATION}' (after {within_s:.0f} s without a heartbeat)"
 
 
-def deploy(root: Path, zombie_after_s: float | None = None) -> list[str]:
+def deploy(root: Path, zombie_after_s: float | None = None, only: tuple[str, ...] = ()) -> list[str]:
     """`llmpipe deploy`: the work pools, the deployments and the zombie automation on the configured
-    Prefect server (PREFECT_API_URL). Returns one line per thing created or updated."""
+    Prefect server (PREFECT_API_URL). `only` names the deployments to (re)register, e.g. ("gpu",) from
+    the checkout of a GPU machine whose path differs. Returns one line per thing created or updated."""
     from flows.deployments import deployments
 
     _check_server()
     created = ensure_pools(root)
-    for deployment_id, name in _apply(root, deployments(root)):
+    for deployment_id, name in _apply(root, deployments(root, only)):
         created.append(f"deployment {name} ({deployment_id})")
     created.append(ensure_zombie_automation(zombie_after_s))
     return created

@@ -103,9 +103,9 @@ def _client_settings(env: dict[str, str]):
                                                         if k.startswith("PREFECT_")})
 
 
-def _start_worker(api, pool: str, log_path: Path, cwd: Path) -> subprocess.Popen:
+def _start_worker(api, pool: str, log_path: Path, cwd: Path, **extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(api.env, PREFECT_HOME=str(api.home / "client"), PREFECT_WORKER_QUERY_SECONDS="2",
+    env.update(api.env, **extra, PREFECT_HOME=str(api.home / "client"), PREFECT_WORKER_QUERY_SECONDS="2",
                PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S), LLMPIPE_WORKERS="2")
     return subprocess.Popen([PREFECT, "worker", "start", "--pool", pool], cwd=cwd, env=env,
                             stdout=open(log_path, "a"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -160,7 +160,8 @@ def test_deploy_creates_the_pools_deployments_and_automation(prefect_api, deploy
         refresh = client.read_deployment_by_name("llmpipe/data-refresh")
         assert refresh.parameters["until"] == "dedup" and not refresh.schedules
         assert client.read_deployment_by_name("llmpipe-evaluate-promote/default").work_pool_name == "llmpipe-cpu"
-        assert client.read_deployment_by_name("llmpipe-stage/cpu").work_pool_name == "llmpipe-cpu"
+        stage_cpu = client.read_deployment_by_name("llmpipe-stage/cpu")
+        assert stage_cpu.work_pool_name == "llmpipe-cpu" and stage_cpu.parameters == {"root": str(project)}
         assert client.read_deployment_by_name("llmpipe-stage/gpu").work_pool_name == "llmpipe-gpu"
 
         automation = Automation.read(name=ZOMBIE_AUTOMATION)
@@ -174,16 +175,28 @@ def test_deploy_creates_the_pools_deployments_and_automation(prefect_api, deploy
 
 
 @pytest.mark.slow
-def test_deployed_pipeline_runs_each_stage_as_a_flow_run_on_a_process_worker(prefect_api, deployed, tmp_path):
+def test_deployed_pipeline_runs_each_stage_as_a_flow_run_on_a_process_worker(prefect_api, deployed, demo_slice,
+                                                                              tmp_path):
+    """The orchestrator in checkout A, its stages on a worker whose checkout is B (another machine):
+    the stages' data reaches A only through the DVC remote, their dvc.lock and metrics as records."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.deployments import run_deployment
 
-    from llmpipe.pipeline import is_stale
+    from llmpipe.ops.deploy import deploy
+    from llmpipe.pipeline import _dvc, is_stale
 
     project, _ = deployed
+    worker_checkout = make_project(tmp_path / "worker-machine", demo_slice)
+    for root in (project, worker_checkout):
+        _dvc(root, ["remote", "add", "-f", "-d", "store", str(tmp_path / "remote")])
+    with _client_settings(prefect_api.env):
+        deploy(worker_checkout, zombie_after_s=ZOMBIE_AFTER_S, only=("cpu",))
     log = tmp_path / "worker.log"
-    worker = _start_worker(prefect_api, "llmpipe-cpu", log, project)
+    # Machines that exchange stages share one MLflow tracking server (the stage's run nests under the
+    # pipeline's): here one SQLite store both checkouts' processes use.
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    worker = _start_worker(prefect_api, "llmpipe-cpu", log, worker_checkout, MLFLOW_TRACKING_URI=tracking)
     try:
         with _client_settings(prefect_api.env):
             run = run_deployment("llmpipe/data-refresh", parameters={"until": "ingest"}, timeout=0)
@@ -198,8 +211,11 @@ def test_deployed_pipeline_runs_each_stage_as_a_flow_run_on_a_process_worker(pre
     assert all(c.state.is_completed() for c in children)
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"demo", "ingest"}
-    assert (project / "metrics" / "ingest.json").exists() and any((project / "data" / "raw").iterdir())
+    assert (project / "metrics" / "ingest.json").exists() and not (project / "data" / "raw").exists()
+    _dvc(project, ["pull", "demo", "ingest"])
     assert is_stale(project, "ingest") == (False, "up to date")
+    assert sorted(p.name for p in (project / "data" / "raw").rglob("*.parquet")) == \
+        sorted(p.name for p in (worker_checkout / "data" / "raw").rglob("*.parquet"))
 
 
 SLEEPY_FLOW = '''
