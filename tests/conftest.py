@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DEMO_NAME, ROOT
+# The server stack (`llmpipe up`), one per session for every test directory: defined once, here.
+from tests.ops.stack_fixture import stack  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

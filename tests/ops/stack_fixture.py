@@ -1,6 +1,8 @@
 """The server stack for tests: one `llmpipe up` per session, in a throwaway directory at free ports.
 
-Use the session fixture `stack` (mark the test `@pytest.mark.stack`). It yields a `StackHandle`:
+tests/conftest.py imports the fixture, so every test directory shares the one session stack (a second
+conftest defining it would start a second stack). Use the session fixture `stack` (mark the test
+`@pytest.mark.stack`). It yields a `StackHandle`:
     .dir     the stack directory (credentials.env, stack.json, logs/)
     .env     the client environment from credentials.env (MLFLOW_TRACKING_URI/USERNAME/PASSWORD,
              PREFECT_API_URL, PREFECT_API_AUTH_STRING, AWS_*, MLFLOW_S3_ENDPOINT_URL, LLMPIPE_DVC_REMOTE_URL)
