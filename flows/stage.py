@@ -23,5 +23,6 @@ def stage_flow(root: str, stage: str, force: bool = False, parent_run_id: str | 
     logger = get_run_logger()
     result, records = run_stage_here(Path(root), stage, force=force, parent_run_id=parent_run_id, lock=lock,
                                      log=logger.info)
-    Artifact(type=RECORDS_ARTIFACT, data={"result": result, "records": records}, description=f"dvc.lock, metrics and plots of {stage}").create()
+    Artifact(type=RECORDS_ARTIFACT, data={"result": result, "records": records},
+             description=f"dvc.lock, metrics and plots of {stage}").create()
     return result

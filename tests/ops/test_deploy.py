@@ -6,11 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,16 +36,10 @@ def test_pipeline_section_routes_gpu_stages_and_rejects_mistakes(tmp_path: Path)
             load_pipeline_config(tmp_path)
 
 
-# --- a Prefect server of our own -------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+# --- the Prefect server (the stack's), workers, flow runs -----------------------------------------
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """Prefect's server and worker ignore a normal stop for a while: ask, wait, then force."""
+    """A Prefect worker ignores a normal stop for a while: ask, wait, then force."""
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
@@ -59,31 +51,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    """A SQLite-backed `prefect server start` on a free loopback port; `.env` is the client environment."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    server_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    server_env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      PREFECT_SERVER_UI_ENABLED="false")
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        _wait_for(lambda: _healthy(url), 240, f"Prefect server ({home / 'server.log'})")
-        yield SimpleNamespace(url=url, env={"PREFECT_API_URL": url}, home=home)
-    finally:
-        _stop_group(proc)
-        log.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
+def prefect_api(stack, tmp_path_factory):
+    """The stack's PostgreSQL-backed Prefect server with its auth string; `.env` is the client's Prefect
+    environment, `.home` a PREFECT_HOME for the clients of these tests."""
+    env = {k: v for k, v in stack.env.items() if k.startswith("PREFECT_")}
+    return SimpleNamespace(url=env["PREFECT_API_URL"], env=env, home=tmp_path_factory.mktemp("prefect-clients"))
 
 
 def _wait_for(check, timeout_s: float, what: str, every_s: float = 1.0):
@@ -121,7 +93,8 @@ def _flow_run(run_id):
 def _wait_final(run_id, timeout_s: float, log: Path):
     run = _wait_for(lambda: (r := _flow_run(run_id)).state and r.state.is_final() and r, timeout_s,
                     f"flow run {run_id} to finish (worker log {log})", every_s=2)
-    assert run.state.is_completed(), f"{run.name} ended {run.state.name}: {run.state.message}\n{log.read_text()[-3000:]}"
+    assert run.state.is_completed(), \
+        f"{run.name} ended {run.state.name}: {run.state.message}\n{log.read_text()[-3000:]}"
     return run
 
 
@@ -138,6 +111,7 @@ def deployed(prefect_api, demo_slice, tmp_path_factory):
 
 # --- the tests -------------------------------------------------------------------------------------
 
+@pytest.mark.stack
 def test_deploy_creates_the_pools_deployments_and_automation(prefect_api, deployed):
     from prefect.automations import Automation
     from prefect.client.orchestration import get_client
@@ -175,6 +149,7 @@ def test_deploy_creates_the_pools_deployments_and_automation(prefect_api, deploy
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_deployed_pipeline_runs_each_stage_as_a_flow_run_on_a_process_worker(prefect_api, deployed, demo_slice,
                                                                               tmp_path):
     """The orchestrator in checkout A, its stages on a worker whose checkout is B (another machine):
@@ -233,6 +208,7 @@ def sleepy(attempts: str, seconds: float) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_a_killed_workers_flow_run_is_rescheduled_and_completed_by_a_new_worker(prefect_api, deployed, tmp_path):
     from prefect import flow as prefect_flow
     from prefect.client.orchestration import get_client
@@ -310,6 +286,7 @@ def test_stages_on_two_machines_exchange_data_only_through_the_dvc_remote(demo_s
 # --- serve on one machine ------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_serve_flows_registers_the_flows_and_runs_them_in_process(prefect_api, deployed, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -319,7 +296,8 @@ def test_serve_flows_registers_the_flows_and_runs_them_in_process(prefect_api, d
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(prefect_api.env, PREFECT_HOME=str(prefect_api.home / "client"), PREFECT_RUNNER_POLL_FREQUENCY="2")
     log = tmp_path / "serve.log"
-    code = "import sys; from pathlib import Path; from llmpipe.ops.deploy import serve_flows; serve_flows(Path(sys.argv[1]))"
+    code = ("import sys; from pathlib import Path; from llmpipe.ops.deploy import serve_flows; "
+            "serve_flows(Path(sys.argv[1]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(project)], cwd=project, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -333,7 +311,8 @@ def test_serve_flows_registers_the_flows_and_runs_them_in_process(prefect_api, d
 
             full = _wait_for(served, 180, f"serve-flows to register its deployments ({log})", every_s=2)
             assert [s.schedule.cron for s in full.schedules] == ["0 3 * * *"] and full.parameters["pools"] is False
-            run = run_deployment("llmpipe/data-refresh-local", parameters={"until": "demo", "force": ["demo"]}, timeout=0)
+            run = run_deployment("llmpipe/data-refresh-local", parameters={"until": "demo", "force": ["demo"]},
+                                 timeout=0)
             _wait_final(run.id, 240, log)
     finally:
         _stop_group(proc)
