@@ -101,6 +101,22 @@ def test_s3_refuses_anonymous_and_accepts_the_generated_keys(stack):
     assert {b["Name"] for b in client.list_buckets()["Buckets"]} >= {"mlflow", "llmpipe-dvc"}
 
 
+def test_postgres_refuses_a_wrong_password_and_holds_the_databases(stack):
+    import psycopg2
+
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(host="127.0.0.1", port=stack.ports.postgres, user=services.PG_USER, password="wrong",
+                         dbname="postgres", connect_timeout=10).close()
+    conn = psycopg2.connect(host="127.0.0.1", port=stack.ports.postgres, user=services.PG_USER,
+                            password=stack.env[ops_stack.PG_PASSWORD_KEY], dbname="postgres", connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database")
+            assert {"mlflow", "mlflow_auth", "prefect"} <= {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
 # --- what a user of the machine would notice ------------------------------------------------------
 
 def test_credentials_are_private_and_never_printed_logged_or_on_a_command_line(stack):
