@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from llmpipe.ops import services, stack as ops_stack
-from tests.ops.stack_fixture import free_ports, stack_dir, start_stack, stop_stack
+from tests.ops.stack_fixture import free_ports, require_stack_tools, stack_dir, stop_stack
 
 pytestmark = pytest.mark.stack
 
@@ -168,7 +168,6 @@ def test_a_failed_up_names_the_service_and_stops_what_it_started():
     import socket
 
     from llmpipe.errors import UserError
-    from tests.ops.stack_fixture import require_stack_tools
 
     require_stack_tools()
     directory = stack_dir()
