@@ -73,6 +73,8 @@ def run_stage_here(root: Path, stage: str, *, force: bool, parent_run_id: str | 
     (what happened, records)."""
     if lock is not None:
         (root / LOCK_FILE).write_text(lock)
+    else:  # the orchestrator has run nothing yet: neither has this checkout, whatever its old lock says
+        (root / LOCK_FILE).unlink(missing_ok=True)
     remote = has_dvc_remote(root)
     inputs = upstream_outputs(root, stage)
     if remote and inputs:
