@@ -49,22 +49,33 @@ def run_dvc_stage(root: str, stage: str, force: bool, parent_run_id: str | None)
     return "ran (forced)" if force and not stale else "ran"
 
 
-def run_on_pool(root: str, stage: str, force: bool, parent_run_id: str | None, pool_role: str) -> str:
-    """Run one stage as an `llmpipe-stage/<cpu|gpu>` flow run on a worker of its pool, wait for it, and
-    write the records it hands back (dvc.lock, metrics, plots) into this checkout. The stage runs in
-    the worker's own checkout (its deployment's `root`): no disk is shared, data goes through DVC."""
+def run_on_pool(root: str, stage: str, force: bool, parent_run_id: str | None, pool_role: str,
+                retries: int = 0, retry_delay_s: float = 0) -> str:
+    """Run one stage as an `llmpipe-stage/<cpu|gpu>` flow run on a worker of its pool (a new run per
+    retry), wait for it, and write the records it hands back (dvc.lock, metrics, plots) into this
+    checkout. The stage runs in the worker's own checkout (its deployment's `root`): no disk is
+    shared, data goes through DVC."""
+    import time
+
     from prefect.deployments import run_deployment
 
     from llmpipe.ops.deploy import LOCK_FILE, stage_records_from, write_records
 
+    logger = get_run_logger()
     lock_path = Path(root) / LOCK_FILE
     parameters = {"stage": stage, "force": force, "parent_run_id": parent_run_id,
                   "lock": lock_path.read_text() if lock_path.exists() else None}
-    child = run_deployment(f"llmpipe-stage/{pool_role}", parameters=parameters, timeout=None)
-    if not child.state or not child.state.is_completed():
+    for attempt in range(retries + 1):
+        child = run_deployment(f"llmpipe-stage/{pool_role}", parameters=parameters, timeout=None)
+        if child.state and child.state.is_completed():
+            break
         state = child.state.name if child.state else "unknown"
-        raise UserError(f"stage {stage}: its flow run {child.name} ({child.id}) on the {pool_role} pool ended {state}"
-                        f"{': ' + child.state.message if child.state and child.state.message else ''}; see its logs")
+        why = (f"stage {stage}: its flow run {child.name} ({child.id}) on the {pool_role} pool ended {state}"
+               f"{': ' + child.state.message if child.state and child.state.message else ''}; see its logs")
+        if attempt == retries:
+            raise UserError(why)
+        logger.warning("%s; retry %d of %d in %g s", why, attempt + 1, retries, retry_delay_s)
+        time.sleep(retry_delay_s)
     handed_back = stage_records_from(child.id)
     write_records(Path(root), handed_back["records"])
     return f"{handed_back['result']} (on the {pool_role} pool)"
@@ -83,7 +94,9 @@ def pipeline(root: str, until: str | None = None, force: list[str] | None = None
         for stage in stages:
             if pools:
                 role = "gpu" if stage in settings.gpu_stages else "cpu"
-                results[stage] = run_on_pool(root, stage, stage in (force or []), tracker.run_id, role)
+                results[stage] = run_on_pool(root, stage, stage in (force or []), tracker.run_id, role,
+                                             settings.retries.get(stage, settings.default_retries),
+                                             settings.retry_delay_s)
                 continue
             retries = settings.retries.get(stage, settings.default_retries)
             stage_task = run_dvc_stage.with_options(retries=retries, retry_delay_seconds=settings.retry_delay_s)

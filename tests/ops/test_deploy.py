@@ -253,6 +253,35 @@ def test_a_killed_workers_flow_run_is_rescheduled_and_completed_by_a_new_worker(
         [(s.name, s.message) for s in history]
 
 
+@pytest.mark.stack
+@pytest.mark.slow
+def test_a_stage_failing_on_its_pool_is_retried_as_params_say_then_fails_the_pipeline(prefect_api, deployed,
+                                                                                      demo_slice, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.pipeline import pipeline
+    from llmpipe.ops.deploy import deploy
+
+    broken = make_project(tmp_path / "broken", demo_slice, {"demo": {"sha256": "0" * 64},
+                                                             "pipeline": {"retries": {"demo": 1}, "retry_delay_s": 0}})
+    log = tmp_path / "worker.log"
+    with _client_settings(prefect_api.env):
+        deploy(broken, zombie_after_s=ZOMBIE_AFTER_S, only=("cpu",))
+        worker = _start_worker(prefect_api, "llmpipe-cpu", log, broken)
+        try:
+            state = pipeline(root=str(broken), until="demo", pools=True, return_state=True)
+        finally:
+            _stop_group(worker)
+        with get_client(sync_client=True) as client:
+            children = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["llmpipe-stage"])),
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                    any_=[state.state_details.flow_run_id])))
+    assert state.is_failed() and "stage demo" in state.message, state.message
+    assert [c.state.name for c in children] == ["Failed", "Failed"]  # the run and its one retry
+
+
 # --- the DVC exchange between machines (no Prefect needed) -----------------------------------------
 
 @pytest.mark.slow
