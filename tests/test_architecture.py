@@ -20,7 +20,8 @@ from llmpipe.stages import STAGES
 ROOT = Path(__file__).resolve().parents[1]
 BARE_NODE = {"torch", "numpy"}
 SHARED = {"llmpipe.config", "llmpipe.errors", "llmpipe.env", "llmpipe.io", "llmpipe.tracking"}
-ORCHESTRATION = SHARED | {"llmpipe", "llmpipe.pipeline", "llmpipe.stages"}
+# llmpipe.ops.deploy: a stage on a work pool (the DVC exchange, the records back), orchestration too
+ORCHESTRATION = SHARED | {"llmpipe", "llmpipe.pipeline", "llmpipe.stages", "llmpipe.ops.deploy"}
 
 
 def module_file(module: str) -> Path | None:
