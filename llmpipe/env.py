@@ -44,12 +44,18 @@ PARENT_RUN_ID = Setting("LLMPIPE_PARENT_RUN_ID", "", "MLflow run to nest a stage
                         "it for each stage to its pipeline run", "llmpipe run (for its stages)")
 TORCH = Setting("LLMPIPE_TORCH", "torch==2.13.0", "torch requirement installed before llmpipe; e.g. `torch` "
                 "on a GPU node for a CUDA build", "scripts/install.sh")
-EXTRAS = Setting("LLMPIPE_EXTRAS", "test", "extras of llmpipe to install, comma-separated (test, bench, gpu)",
+EXTRAS = Setting("LLMPIPE_EXTRAS", "test", "extras of llmpipe to install, comma-separated (test, bench, gpu, ops)",
                  "scripts/install.sh")
+TEST_STACK_DIR = Setting("LLMPIPE_TEST_STACK_DIR", "", "a running stack the `stack` tests use (and leave "
+                         "running); unset: they start their own at free ports; .ci/run sets it", "tests")
 TEST_CACHE = Setting("LLMPIPE_TEST_CACHE", "~/.cache/llmpipe-tests", "where tests keep the demo corpus they "
                      "fetch (unless data/sources/ has it)", "tests")
 STACK_DIR = Setting("LLMPIPE_STACK_DIR", "~/.llmpipe/stack", "where `llmpipe up` keeps the server stack's data, "
-                    "logs and generated credentials (credentials.env, readable only by you)", "llmpipe up/down/status")
+                    "logs and generated credentials (credentials.env, readable only by you); as root the default "
+                    "is /var/lib/llmpipe/stack, which PostgreSQL's own user can reach", "llmpipe up/down/status")
+DVC_REMOTE_URL = Setting("LLMPIPE_DVC_REMOTE_URL", "", "the stack's bucket for DVC remotes, written into "
+                         "credentials.env by `llmpipe up`: `dvc remote add -d store $LLMPIPE_DVC_REMOTE_URL/<project>`",
+                         "you (dvc remote add)")
 DASK_SCHEDULER = Setting("LLMPIPE_DASK_SCHEDULER", "", "Dask scheduler address (tcp://host:8786) to run the data "
                          "stages' shards on; its workers must see the project directory; unset: local processes",
                          "llmpipe")
@@ -57,7 +63,8 @@ BENCH_CACHE = Setting("LLMPIPE_BENCH_CACHE", "~/.cache/llmpipe-bench", "where be
                       "they fetch", "benchmarks")
 
 SETTINGS: tuple[Setting, ...] = (PROJECT, WORKERS, TRACKING, TRACKING_URI, EXPERIMENT, DEBUG, PARENT_RUN_ID,
-                                 STACK_DIR, DASK_SCHEDULER, TORCH, EXTRAS, TEST_CACHE, BENCH_CACHE)
+                                 STACK_DIR, DVC_REMOTE_URL, DASK_SCHEDULER, TORCH, EXTRAS, TEST_STACK_DIR,
+                                 TEST_CACHE, BENCH_CACHE)
 
 _ON = {"on", "1", "true", "yes"}
 _OFF = {"off", "0", "false", "no"}
@@ -90,7 +97,10 @@ def workers() -> int:
 
 
 def stack_dir() -> Path:
-    return Path(STACK_DIR.raw() or STACK_DIR.default).expanduser().resolve()
+    if STACK_DIR.raw():
+        return Path(STACK_DIR.raw()).expanduser().resolve()
+    # As root PostgreSQL runs as its own user, which may not enter /root.
+    return Path("/var/lib/llmpipe/stack") if os.geteuid() == 0 else Path(STACK_DIR.default).expanduser()
 
 
 def dask_scheduler() -> str | None:

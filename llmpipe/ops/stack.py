@@ -5,7 +5,8 @@ server with its API auth string; SeaweedFS (`weed`, from PyPI) is the S3 store f
 and the DVC remote, with generated keys. Everything listens on 127.0.0.1 only and lives under one
 directory:
 
-    stack_dir/credentials.env   the client environment, secrets included (0600; the only copy)
+    stack_dir/credentials.env   the client environment, its secrets included (0600; the only copy)
+    stack_dir/server.env        the servers' own secrets, which no client needs (0600)
     stack_dir/stack.json        ports and process ids (no secrets)
     stack_dir/logs/<name>.log   one log per service (never a secret: those stay in env, stdin, 0600 files)
     stack_dir/postgres, s3, prefect-home, mlflow-auth.ini, s3-identities.json
@@ -30,9 +31,11 @@ from llmpipe.ops import services as svc
 
 SERVICES = ("postgres", "s3", "mlflow", "prefect")  # start order; stopped in reverse
 CREDENTIALS = "credentials.env"
+SERVER_SECRETS = "server.env"
 STATE = "stack.json"
-PG_PASSWORD_KEY = "LLMPIPE_STACK_POSTGRES_PASSWORD"
-FLASK_KEY = "LLMPIPE_STACK_MLFLOW_SECRET_KEY"  # signs the basic-auth app's CSRF tokens
+PG_PASSWORD_KEY = "POSTGRES_PASSWORD"
+FLASK_KEY = "MLFLOW_FLASK_SERVER_SECRET_KEY"  # signs the basic-auth app's CSRF tokens (MLflow's own name)
+SERVER_KEYS = (PG_PASSWORD_KEY, FLASK_KEY)
 MLFLOW_ADMIN = "admin"
 PREFECT_USER = "llmpipe"
 
@@ -117,16 +120,14 @@ def _client_env(ports: Ports, keys: dict[str, str]) -> dict[str, str]:
         "MLFLOW_S3_ENDPOINT_URL": s3,
         "AWS_ENDPOINT_URL": s3,  # boto3 >= 1.28 (dvc-s3, plain clients) read the endpoint from here
         "LLMPIPE_DVC_REMOTE_URL": "s3://llmpipe-dvc",
-        # The servers' own secrets: kept here so a restart finds them, never needed by clients.
-        PG_PASSWORD_KEY: keys[PG_PASSWORD_KEY],
-        FLASK_KEY: keys[FLASK_KEY],
     }
 
 
 def _credentials(stack_dir: Path, ports: Ports) -> dict[str, str]:
     """The secrets are generated once; the URLs follow the ports of this start."""
-    path = stack_dir / CREDENTIALS
-    old = _read_env_file(path) if path.exists() else {}
+    path, server_path = stack_dir / CREDENTIALS, stack_dir / SERVER_SECRETS
+    old = {**(_read_env_file(path) if path.exists() else {}),
+           **(_read_env_file(server_path) if server_path.exists() else {})}
     keys = {
         "MLFLOW_TRACKING_PASSWORD": old.get("MLFLOW_TRACKING_PASSWORD") or secrets.token_urlsafe(24),
         "PREFECT_API_AUTH_STRING": old.get("PREFECT_API_AUTH_STRING")
@@ -139,7 +140,11 @@ def _credentials(stack_dir: Path, ports: Ports) -> dict[str, str]:
     env = _client_env(ports, keys)
     header = "# llmpipe server stack: `set -a; . ./credentials.env; set +a` exports it. Keep it private.\n"
     _write_private(path, header + "".join(f"{k}={v}\n" for k, v in env.items()))
-    return env
+    # Kept so a restart finds them; apart from the client file, so no client's environment holds them.
+    server = {k: keys[k] for k in SERVER_KEYS}
+    _write_private(server_path, "# the stack's servers' own secrets: no client needs them\n"
+                   + "".join(f"{k}={v}\n" for k, v in server.items()))
+    return {**env, **server}
 
 
 def _ports_for(state: dict, requested: Ports | None) -> Ports:
@@ -333,6 +338,16 @@ def stack_env(stack_dir: Path) -> dict[str, str]:
     if not path.exists():
         raise UserError(f"{path} does not exist; start the stack with `llmpipe up` first")
     return _read_env_file(path)
+
+
+def server_secrets(stack_dir: Path) -> dict[str, str]:
+    """The servers' own secrets (the PostgreSQL password, MLflow's signing key): for administration."""
+    return _read_env_file(Path(stack_dir) / SERVER_SECRETS)
+
+
+def ports(stack_dir: Path) -> Ports:
+    """The ports the stack in `stack_dir` was last started on."""
+    return _ports_for(_load_state(Path(stack_dir)), None)
 
 
 def service_urls(stack_dir: Path) -> dict[str, str]:

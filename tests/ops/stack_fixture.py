@@ -11,6 +11,8 @@ conftest defining it would start a second stack). Use the session fixture `stack
     .output  everything `up` printed, child processes' stray output included
 Apply `.env` with monkeypatch.setenv (or pass it to a subprocess); never print it.
 When PostgreSQL (initdb) or weed is missing the stack tests fail under CI and are skipped elsewhere.
+With LLMPIPE_TEST_STACK_DIR set (.ci/run sets it), the session uses the stack running there (its own
+`up` then finds every service running) and leaves it running for whoever started it.
 """
 
 from __future__ import annotations
@@ -97,10 +99,11 @@ def stack_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="llmpipe-stack-"))
 
 
-def start_stack(directory: Path, ports: ops_stack.Ports) -> StackHandle:
+def start_stack(directory: Path, ports: ops_stack.Ports | None) -> StackHandle:
+    """`up` in `directory` (None: on the ports it already runs on) and the handle to it."""
     with captured_output() as out:
         urls = ops_stack.up(directory, ports)
-    return StackHandle(directory, ops_stack.stack_env(directory), urls, ports, out.getvalue())
+    return StackHandle(directory, ops_stack.stack_env(directory), urls, ops_stack.ports(directory), out.getvalue())
 
 
 def stop_stack(directory: Path) -> None:
@@ -113,6 +116,10 @@ def stop_stack(directory: Path) -> None:
 @pytest.fixture(scope="session")
 def stack():
     require_stack_tools()
+    given = os.environ.get("LLMPIPE_TEST_STACK_DIR")
+    if given:  # .ci/run started it before the tests and stops it after them, on any exit
+        yield start_stack(Path(given), None)
+        return
     directory = stack_dir()
     try:
         yield start_stack(directory, free_ports())

@@ -56,10 +56,10 @@ def changed_keys(new: dict[str, str], old: dict[str, str]) -> list[str]:
     return sorted(key for key in new.keys() | old.keys() if new.get(key) != old.get(key))
 
 
-def secret_values(env: dict[str, str]) -> list[str]:
-    keys = ["MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
-            ops_stack.PG_PASSWORD_KEY, ops_stack.FLASK_KEY]
-    return [env[key] for key in keys] + [env["PREFECT_API_AUTH_STRING"].split(":", 1)[1]]
+def secret_values(env: dict[str, str], server: dict[str, str]) -> list[str]:
+    keys = ["MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"]
+    return ([env[key] for key in keys] + [env["PREFECT_API_AUTH_STRING"].split(":", 1)[1]]
+            + [server[key] for key in ops_stack.SERVER_KEYS])
 
 
 # --- authentication: refused without credentials, accepted with them ---------------------------
@@ -108,7 +108,7 @@ def test_postgres_refuses_a_wrong_password_and_holds_the_databases(stack):
         psycopg2.connect(host="127.0.0.1", port=stack.ports.postgres, user=services.PG_USER, password="wrong",
                          dbname="postgres", connect_timeout=10).close()
     conn = psycopg2.connect(host="127.0.0.1", port=stack.ports.postgres, user=services.PG_USER,
-                            password=stack.env[ops_stack.PG_PASSWORD_KEY], dbname="postgres", connect_timeout=10)
+                            password=ops_stack.server_secrets(stack.dir)[ops_stack.PG_PASSWORD_KEY], dbname="postgres", connect_timeout=10)
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT datname FROM pg_database")
@@ -120,13 +120,14 @@ def test_postgres_refuses_a_wrong_password_and_holds_the_databases(stack):
 # --- what a user of the machine would notice ------------------------------------------------------
 
 def test_credentials_are_private_and_never_printed_logged_or_on_a_command_line(stack):
-    for name in (ops_stack.CREDENTIALS, "mlflow-auth.ini", "s3-identities.json"):
+    for name in (ops_stack.CREDENTIALS, ops_stack.SERVER_SECRETS, "mlflow-auth.ini", "s3-identities.json"):
         info = (stack.dir / name).stat()
         assert stat.S_IMODE(info.st_mode) == 0o600, name
         assert info.st_uid == os.geteuid(), name
     assert stat.S_IMODE(stack.dir.stat().st_mode) & 0o067 == 0  # no one else may list or write it
 
-    secrets = secret_values(stack.env)
+    secrets = secret_values(stack.env, ops_stack.server_secrets(stack.dir))
+    assert not set(ops_stack.SERVER_KEYS) & set(stack.env)  # a client's environment never holds the servers' own
     assert all(len(value) >= 16 for value in secrets)
     assert stack.output.strip(), "up printed nothing: the capture is broken"
     # `not any(...)`: a failure report must not print the secret it found.
