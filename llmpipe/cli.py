@@ -45,9 +45,8 @@ class Cli(click.Group):
 
 
 STAGE_HELP = "\n".join(f"  {name:<10} {spec.summary}" for name, spec in STAGES.items())
-SETTINGS_HELP = ("Settings (environment variables): " + ", ".join(s.name for s in env.SETTINGS
-                                                                  if s.read_by.startswith("llmpipe"))
-                 + ". `llmpipe env` shows each with its meaning, default and current value.")
+SETTINGS_HELP = ("`llmpipe env` shows each setting (environment variable) with its meaning, default and current "
+                 "value: " + ", ".join(s.name for s in env.SETTINGS if s.read_by.startswith("llmpipe")) + ".")
 
 
 @click.group(cls=Cli, epilog=SETTINGS_HELP,
@@ -164,16 +163,24 @@ def down() -> None:
 
 
 @main.command()
-def deploy() -> None:
-    """Register the pipeline's deployments and work pools with the Prefect server (PREFECT_API_URL).
+@click.option("--only", multiple=True, type=click.Choice(["full", "data-refresh", "default", "cpu", "gpu"]),
+              help="Register just this deployment (repeatable), e.g. `--only gpu` from a GPU machine's checkout.")
+def deploy(only: tuple[str, ...]) -> None:
+    """Register the pipeline's work pools, deployments and recovery automation with the Prefect server
+    (PREFECT_API_URL).
 
-    Deployments: the full pipeline on its cron schedule (params.yaml pipeline.schedule), the data
-    refresh (ingest to dedup), evaluate + promote, and one per work pool for single stages. CPU
-    stages go to the process pool, GPU stages (pipeline.gpu_stages) to the gpu pool.
+    \b
+    Deployments, from this checkout:
+      llmpipe/full                      the whole pipeline on params.yaml pipeline.schedule (cron)
+      llmpipe/data-refresh              ingest to dedup
+      llmpipe-evaluate-promote/default  the stale stages up to package, then the promotion gate
+      llmpipe-stage/cpu, .../gpu        one stage on a worker of that pool
+    CPU stages run on the process pool, GPU stages (pipeline.gpu_stages) on the gpu pool (Kubernetes,
+    asking for nvidia.com/gpu). A flow run whose heartbeats stop (its machine died) is rescheduled.
     """
     from llmpipe.ops.deploy import deploy as register
 
-    for line in register(_root()):
+    for line in register(_root(), only=only):
         click.echo(line)
 
 
