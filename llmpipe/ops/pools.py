@@ -31,12 +31,17 @@ def process_template() -> dict:
 
 def kubernetes_template() -> dict:
     """prefect-kubernetes' default Job, its container asking for `gpus` NVIDIA GPUs (a limit: Kubernetes
-    takes an extended resource's request from its limit) and running the training image by default."""
+    takes an extended resource's request from its limit), running the training image by default, with
+    the environment of infra/k8s's Secret and ConfigMap."""
     from prefect_kubernetes.worker import KubernetesWorker
 
     template = copy.deepcopy(KubernetesWorker.get_default_base_job_template())
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     container["resources"]["limits"]["nvidia.com/gpu"] = "{{ gpus }}"
+    # A stage logs to MLflow and moves data through the S3 remote: the credentials infra/k8s keeps in
+    # its Secret and ConfigMap (optional, so a pool used outside those manifests still starts pods).
+    container["envFrom"] = [{"secretRef": {"name": "llmpipe-secrets", "optional": True}},
+                            {"configMapRef": {"name": "llmpipe-config", "optional": True}}]
     variables = template["variables"]["properties"]
     variables["gpus"] = dict(GPUS_VARIABLE)
     variables["image"]["default"] = TRAINING_IMAGE

@@ -26,6 +26,20 @@ def test_kubernetes_job_requests_the_gpus_of_the_gpus_variable():
         "resources"]["limits"]["nvidia.com/gpu"] == 1  # one GPU unless a deployment asks for more
 
 
+def test_kubernetes_stage_pods_get_the_environment_infra_k8s_defines():
+    import yaml
+
+    container = _filled("kubernetes")["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    refs = {next(iter(ref)): ref[next(iter(ref))]["name"] for ref in container["envFrom"]}
+    k8s = ROOT / "infra" / "k8s"
+    kustomization = yaml.safe_load((k8s / "kustomization.yaml").read_text())
+    config_maps = {doc["metadata"]["name"] for doc in yaml.safe_load_all((k8s / "config.yaml").read_text())
+                   if doc and doc["kind"] == "ConfigMap"}
+    assert refs["secretRef"] in {g["name"] for g in kustomization["secretGenerator"]}
+    assert kustomization["generatorOptions"]["disableNameSuffixHash"]  # the name outside kustomize stays fixed
+    assert refs["configMapRef"] in config_maps
+
+
 def test_docker_container_gets_a_gpu_device_request():
     job = _filled("docker", gpus=-1)
     assert job["container_create_kwargs"]["device_requests"] == [
