@@ -15,6 +15,12 @@ from tests.helpers import DEMO_NAME, ROOT
 from tests.ops.stack_fixture import stack  # noqa: F401
 
 
+def pytest_collection_modifyitems(config, items):
+    # The stack tests last (order otherwise kept): the servers start at the first of them and run to the
+    # session's end, and on two cores their background work would slow every test after them.
+    items.sort(key=lambda item: item.get_closest_marker("stack") is not None)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_tracking(monkeypatch):
     # Tests never write into the developer's own MLflow store or inherit a parent run.

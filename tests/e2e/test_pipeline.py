@@ -1,5 +1,6 @@
-"""The pipeline end to end on a small slice of the real demo corpus, in a throwaway copy of the project:
-first through `dvc repro` alone, then through the Prefect flow, with MLflow on the copy's SQLite store."""
+"""The pipeline end to end on a small slice of the real demo corpus, in a throwaway copy of the project
+(the session fixture `project`, tests/e2e/conftest.py): first through `dvc repro` alone, then through
+the Prefect flow, with MLflow on the copy's SQLite store."""
 
 from __future__ import annotations
 
@@ -11,41 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tests.e2e.project import DATA_STAGES, E2E_OVERRIDES
 from tests.helpers import make_project, run_dvc
 
 pytestmark = pytest.mark.slow
-
-DATA_STAGES = ["ingest", "clean", "dedup"]
-
-
-@pytest.fixture(scope="module")
-def project(demo_slice: Path, chitchat_slice: Path, tmp_path_factory) -> Path:
-    root = make_project(tmp_path_factory.mktemp("project"), demo_slice, E2E_OVERRIDES | chat_copy(chitchat_slice))
-    run_dvc(root, "repro")
-    return root
-
-
-# Small enough for CI: a few optimizer steps of a narrow model.
-FINETUNE = {"seq_len": 64, "micro_batch": 4, "global_batch_tokens": 256, "max_steps": 4, "warmup_steps": 1,
-            "eval_every": 2, "checkpoint_every": 2, "eval_batches": 2, "sample_tokens": 8}
-E2E_OVERRIDES: dict = {
-    "ingest": {"shard_mb": 0.1},  # several shards even for the slice, so workers and merging are exercised
-    "pretrain": {"max_steps": 6, "seq_len": 64, "micro_batch": 4, "global_batch_tokens": 512,
-                 "warmup_steps": 2, "eval_every": 3, "checkpoint_every": 3, "sample_tokens": 8},
-    "chat_data": {"max_tokens": 64},
-    "sft": FINETUNE, "dpo": FINETUNE,
-    "evaluate": {"limit": 8, "batch_size": 8},
-    "quantize": {"speed": {"new_tokens": 8, "repeats": 1}},
-    # a model of a few steps is no better than chance: the e2e checks the moves, not the demo's minimums
-    "promote": {"minimums": {"bpb_max": 50.0, "acc_min": {"llmpipe_chat_reply": 0.0, "llmpipe_continuation": 0.0}}},
-}
-
-
-def chat_copy(wheel: Path) -> dict:
-    from llmpipe.io import sha256_file
-
-    return {"chitchat": {"local_copy": str(wheel.resolve()), "sha256": sha256_file(wheel)}}
-
 
 def _stage_runs(root: Path, stage: str):
     from llmpipe.tracking import configure_mlflow

@@ -11,8 +11,9 @@ conftest defining it would start a second stack). Use the session fixture `stack
     .output  everything `up` printed, child processes' stray output included
 Apply `.env` with monkeypatch.setenv (or pass it to a subprocess); never print it.
 When PostgreSQL (initdb) or weed is missing the stack tests fail under CI and are skipped elsewhere.
-With LLMPIPE_TEST_STACK_DIR set (.ci/run sets it), the session uses the stack running there (its own
-`up` then finds every service running) and leaves it running for whoever started it.
+With LLMPIPE_TEST_STACK_DIR set (.ci/run sets it), the stack lives in that directory, so whoever
+set it can stop it even when pytest itself is killed. tests/conftest.py runs the stack tests last:
+the servers run only while they are needed, not beside the rest of the suite on two cores.
 """
 
 from __future__ import annotations
@@ -117,10 +118,7 @@ def stop_stack(directory: Path) -> None:
 def stack():
     require_stack_tools()
     given = os.environ.get("LLMPIPE_TEST_STACK_DIR")
-    if given:  # .ci/run started it before the tests and stops it after them, on any exit
-        yield start_stack(Path(given), None)
-        return
-    directory = stack_dir()
+    directory = Path(given) if given else stack_dir()  # .ci/run's: it stops the stack there on any exit
     try:
         yield start_stack(directory, free_ports())
     finally:
