@@ -129,7 +129,9 @@ def score(pretrained: Path, tasks: list[str], task_dir: Path, *, device: str = "
     device = device if device != "auto" else ("cuda" if _cuda() else "cpu")
     lm = LlmpipeLM(pretrained=str(pretrained), device=device, batch_size=batch_size)
     hub = any(t not in LOCAL_TASKS for t in tasks)
-    with _offline(not hub):
+    # lm-eval bootstraps some stderrs in a fork Pool, which deadlocked in CI: at Pool.terminate one
+    # worker waited for ever on the task queue's lock that its exiting sibling held. In-process instead.
+    with _offline(not hub), _env(DISABLE_MULTIPROC="1"):
         manager = TaskManager(include_path=[str(task_dir), *map(str, include)], include_defaults=hub)
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot,
                                           random_seed=seed, numpy_random_seed=seed,
@@ -221,15 +223,20 @@ def _cuda() -> bool:
 
 
 @contextlib.contextmanager
-def _offline(on: bool) -> Iterator[None]:
-    """HF_DATASETS_OFFLINE=1 while only local tasks run: nothing may reach for the hub."""
-    before = os.environ.get("HF_DATASETS_OFFLINE")
-    if on:
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
+def _env(**values: str) -> Iterator[None]:
+    """These environment variables set for the block, then as they were."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if on and before is None:
-            os.environ.pop("HF_DATASETS_OFFLINE", None)
-        elif on:
-            os.environ["HF_DATASETS_OFFLINE"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _offline(on: bool) -> contextlib.AbstractContextManager:
+    """HF_DATASETS_OFFLINE=1 while only local tasks run: nothing may reach for the hub."""
+    return _env(HF_DATASETS_OFFLINE="1") if on else contextlib.nullcontext()

@@ -39,3 +39,35 @@ def test_a_model_the_stage_does_not_read_is_a_clear_error(tmp_path: Path):
     with pytest.raises(UserError, match=r"evaluate.models: draft is not a model this stage reads; choose among "
                                         r"pretrain, sft, dpo"):
         run(EvaluateConfig(models=["pretrain", "draft"]), StageContext(root=tmp_path, name="evaluate"))
+
+
+def test_lm_eval_bootstraps_its_stderrs_in_process_and_the_environment_is_restored(monkeypatch, tmp_path):
+    """lm-eval's fork Pool for bootstrapped stderrs deadlocked in CI (a worker waiting for ever on its
+    queue's lock at Pool.terminate): score() runs lm-eval with DISABLE_MULTIPROC, offline for local tasks."""
+    import os
+
+    import lm_eval
+    import lm_eval.tasks
+
+    from llmpipe.evaluate import adapter, evaluate
+
+    class NoModel:
+        stats: dict = {}
+
+        def __init__(self, **_kwargs):
+            pass
+
+    seen = {}
+
+    def simple_evaluate(**_kwargs):
+        seen.update({k: os.environ.get(k) for k in ("DISABLE_MULTIPROC", "HF_DATASETS_OFFLINE")})
+        return {"results": {}}
+
+    monkeypatch.setattr(adapter, "LlmpipeLM", NoModel)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **_kwargs: None)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    evaluate.score(tmp_path, ["llmpipe_bpb"], tmp_path, device="cpu")
+    assert seen == {"DISABLE_MULTIPROC": "1", "HF_DATASETS_OFFLINE": "1"}
+    assert "DISABLE_MULTIPROC" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
