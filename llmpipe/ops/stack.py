@@ -313,7 +313,8 @@ def _stop_one(stack_dir: Path, name: str, state: dict) -> bool:
         if svc.find(state["services"][name]):
             proc.kill()
     elif proc is not None:
-        svc.stop_group(proc.pid)  # the leader's pid is its group id (start_new_session)
+        # the leader's pid is its group id (start_new_session)
+        svc.stop_group(proc.pid, svc.WEED_GRACE_S if name == "s3" else svc.STOP_GRACE_S)
     state["services"].pop(name, None)
     _save_state(stack_dir, state)
     return proc is not None
